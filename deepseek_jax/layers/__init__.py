@@ -1,0 +1,1 @@
+"""One technique per file: norm, rope, linear, mla, mlp, moe, gmm."""

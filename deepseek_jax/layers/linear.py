@@ -1,0 +1,34 @@
+"""Linear layers whose kernels carry logical axis names, for sharding by one rules table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Linear(nn.Module):
+    """y = x . W, contracting the last `in_dims` axes of x with the first of W.
+
+    kernel shape: x.shape[-in_dims:] + features, with logical names `axes` (one per kernel dim).
+    """
+
+    features: int | Sequence[int]
+    axes: Sequence[str | None]
+    in_dims: int = 1
+    dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.006
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        shape = tuple(x.shape[x.ndim - self.in_dims:]) + feats
+        if len(shape) != len(self.axes):
+            raise ValueError(f"{self.name}: kernel shape {shape} needs {len(shape)} axis names, got {self.axes}")
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.init_std), tuple(self.axes)), shape, jnp.float32)
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+

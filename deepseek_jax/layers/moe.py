@@ -1,0 +1,127 @@
+"""DeepSeekMoE (V3 sec. 2.1.2): shared experts plus fine-grained routed experts, dropless.
+
+Routing (V3 eq. 12-16, `noaux_tc`): s = sigmoid(u W) in float32; experts are chosen by s + b,
+where b is the auxiliary-loss-free correction bias (not a gradient parameter, V3 eq. 16), within
+the topk_group groups with the best top-2 sums; gate weights use the unbiased s, normalised to
+sum 1 (norm_topk_prob), times routed_scaling_factor. V2 scores with softmax and selects greedily,
+or group-limited by each group's max score.
+
+Per layer the router sows into the `router_stats` collection:
+  expert_load  [experts]  tokens routed to each expert over the batch (drives the bias update),
+  balance_loss []         sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.gmm import grouped_matmul
+from deepseek_jax.layers.linear import Linear
+from deepseek_jax.layers.mlp import MLP
+
+
+def _overwrite(_, new):
+    return new
+
+
+def route(cfg: ModelConfig, scores: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """scores [tokens, experts] (sigmoid or softmax) -> gate weights, expert ids [tokens, top_k]."""
+    choice = scores if bias is None else scores + bias
+    if cfg.topk_method != "greedy" and cfg.n_group > 1:
+        grouped = choice.reshape(*choice.shape[:-1], cfg.n_group, -1)
+        if cfg.topk_method == "noaux_tc":
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        else:
+            group_score = grouped.max(-1)
+        kept = jax.lax.top_k(group_score, cfg.topk_group)[1]
+        group_mask = jnp.zeros(group_score.shape, bool).at[
+            jnp.arange(group_score.shape[0])[:, None], kept].set(True)
+        choice = jnp.where(group_mask[..., None], grouped, -jnp.inf).reshape(choice.shape)
+    idx = jax.lax.top_k(jax.lax.stop_gradient(choice), cfg.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx
+
+
+class Router(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [batch, length, embed] -> weights float32, ids int32, both [batch, length, top_k]."""
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        n_exp, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        logits = Linear(n_exp, ("embed", None), dtype=jnp.float32, init_std=cfg.initializer_range,
+                        name="gate")(x.astype(jnp.float32))
+        scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
+        bias = None
+        if cfg.topk_method == "noaux_tc":
+            bias = jax.lax.stop_gradient(self.param(
+                "e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                (n_exp,), jnp.float32))
+        weights, idx = route(cfg, scores.reshape(-1, n_exp), bias)
+        weights, idx = weights.reshape(batch, length, k), idx.reshape(batch, length, k)
+
+        counts = jnp.zeros((batch, n_exp), jnp.float32).at[jnp.arange(batch)[:, None], idx.reshape(batch, -1)].add(1.0)
+        f = counts * n_exp / (k * length)  # V3 eq. 18
+        p = jnp.mean(scores / scores.sum(-1, keepdims=True), axis=1)  # V3 eq. 19-20
+        balance = cfg.aux_loss_alpha * jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, -1))
+        self.sow("router_stats", "expert_load", counts.sum(0), reduce_fn=_overwrite)
+        self.sow("router_stats", "balance_loss", balance, reduce_fn=_overwrite)
+        return weights, idx
+
+
+class Experts(nn.Module):
+    """Routed SwiGLU experts, run as grouped matmuls over tokens sorted by expert (no dropping)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+        """x [tokens, embed], weights/idx [tokens, top_k] -> [tokens, embed]."""
+        cfg = self.cfg
+        n_exp, d, f = cfg.n_routed_experts, x.shape[-1], cfg.moe_intermediate_size
+        init = nn.initializers.normal(cfg.initializer_range)
+        w_in = ("experts", "embed", "mlp")
+        gate = self.param("gate", nn.with_logical_partitioning(init, w_in), (n_exp, d, f), jnp.float32)
+        up = self.param("up", nn.with_logical_partitioning(init, w_in), (n_exp, d, f), jnp.float32)
+        down = self.param("down", nn.with_logical_partitioning(init, ("experts", "mlp", "embed")),
+                          (n_exp, f, d), jnp.float32)
+
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token = order // idx.shape[-1]
+        sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
+        xs = x[token].astype(self.dtype)
+
+        def gmm(a, w):
+            return grouped_matmul(a, w.astype(self.dtype), sizes, impl=cfg.moe_impl)
+
+        ys = gmm(nn.silu(gmm(xs, gate)) * gmm(xs, up), down)
+        ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros(x.shape, jnp.float32).at[token].add(ys).astype(x.dtype)
+
+
+class MoE(nn.Module):
+    """h' = sum_i FFN_shared_i(u) + sum_i g_i FFN_routed_i(u)  (V3 eq. 12)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        weights, idx = Router(cfg, name="router")(x)
+        k = cfg.num_experts_per_tok
+        y = Experts(cfg, self.dtype, name="experts")(
+            x.reshape(-1, x.shape[-1]), weights.reshape(-1, k), idx.reshape(-1, k)).reshape(x.shape)
+        if cfg.n_shared_experts:
+            y = y + MLP(cfg.n_shared_experts * cfg.moe_intermediate_size, self.dtype, cfg.initializer_range,
+                        name="shared")(x)
+        return y

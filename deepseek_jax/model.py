@@ -1,0 +1,155 @@
+"""DeepSeek-V3 (arXiv 2412.19437) as a Flax Linen module.
+
+  tokens -> embed -> dense blocks -> MoE blocks -> RMSNorm -> head        (main model)
+  h^k = TRM_k(M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1})]) -> head      (MTP module k, V3 eq. 21-23)
+
+A block is h += MLA(RMSNorm(h)); h += FFN(RMSNorm(h)), with FFN a SwiGLU MLP in the first
+`first_k_dense_replace` layers and DeepSeekMoE after. Each run of same-kind blocks is one
+`nn.scan`, so compile time does not grow with depth. Embedding and output head are shared with
+the MTP modules; the released weights order the MTP concat as [embedding; hidden].
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.linear import Linear
+from deepseek_jax.layers.mla import MLA
+from deepseek_jax.layers.mlp import MLP
+from deepseek_jax.layers.moe import MoE
+from deepseek_jax.layers.norm import RMSNorm
+from deepseek_jax.layers.rope import rope_cos_sin
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        h = h + MLA(cfg, dtype, name="attn")(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(h), cos, sin, mask)
+        if self.moe:
+            ffn = MoE(cfg, dtype, name="mlp")
+        else:
+            ffn = MLP(cfg.intermediate_size, dtype, cfg.initializer_range, name="mlp")
+        h = h + ffn(RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h))
+        return nn.with_logical_constraint(h, ("batch", "length", "embed")), None
+
+
+def block_cls(cfg: ModelConfig) -> type[Block]:
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+
+class MTPModule(nn.Module):
+    """V3 eq. 21-22: h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then one block."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+        cfg = self.cfg
+        x = jnp.concatenate([RMSNorm(cfg.rms_norm_eps, name="enorm")(emb),
+                             RMSNorm(cfg.rms_norm_eps, name="hnorm")(h)], axis=-1)
+        x = Linear(cfg.hidden_size, (None, "embed"), dtype=jnp.dtype(cfg.dtype), init_std=cfg.initializer_range,
+                   name="eh_proj")(x)
+        h, _ = block_cls(cfg)(cfg, cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(x, cos, sin, mask)
+        return h, RMSNorm(cfg.rms_norm_eps, name="norm")(h)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal and within-document: [batch, 1, length, length], True where query t may see key s."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_doc)[:, None]
+
+
+class DeepSeekV3(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """tokens [batch, length] -> logits [batch, length, vocab] float32 and MTP logits
+        [mtp_depth, batch, length, vocab] (module k at position i predicts t_{i+k+1}), or None."""
+        cfg = self.cfg
+        chex.assert_rank(tokens, 2)
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        chex.assert_equal_shape([tokens, positions, segment_ids])
+        mask = attention_mask(segment_ids)
+        cos, sin = rope_cos_sin(cfg, positions)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32, name="embed",
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
+        h = embed(tokens).astype(cfg.dtype)
+        for j, (moe, _, count) in enumerate(cfg.layer_segments):
+            stack = nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3, length=count,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            h, _ = stack(cfg, moe, name=f"layers_{j}")(h, cos, sin, mask)
+
+        if cfg.tie_word_embeddings:
+            def head(x):
+                return embed.attend(x.astype(jnp.float32))
+        else:
+            head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
+                          init_std=cfg.initializer_range, name="head")
+        logits = head(RMSNorm(cfg.rms_norm_eps, name="norm")(h))
+
+        mtp_logits = []
+        for k in range(cfg.num_nextn_predict_layers):
+            ahead = jnp.roll(tokens, -(k + 1), axis=1)  # t_{i+k+1}; wrapped tail positions are masked in the loss
+            h, h_norm = MTPModule(cfg, name=f"mtp_{k}")(h, embed(ahead).astype(cfg.dtype), cos, sin, mask)
+            mtp_logits.append(head(h_norm))
+        return logits, (jnp.stack(mtp_logits) if mtp_logits else None)
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [batch, length, vocab] float32
+    mtp_logits: jax.Array | None  # [mtp_depth, batch, length, vocab] float32
+    router_stats: Any  # {"expert_load": [...], "balance_loss": [...]} nested like the MoE params
+
+
+def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None) -> ModelOutput:
+    """Main logits, MTP logits and per-layer router statistics in one pass."""
+    (logits, mtp), stats = DeepSeekV3(cfg).apply({"params": params}, tokens, positions, segment_ids,
+                                                 mutable=["router_stats"])
+    return ModelOutput(logits, mtp, stats.get("router_stats", {}))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+    """Random float32 params for DeepSeekV3(cfg) (normal, std initializer_range; norms at 1)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = jax.jit(DeepSeekV3(cfg).init)(key, tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """Shapes and logical-axis metadata of the params, without allocating them."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(DeepSeekV3(cfg).init, jax.random.key(0), tokens)["params"]
+
+
+def logits(cfg: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
+    """[batch, length] int32 -> [batch, length, vocab] float32 next-token logits of the main model."""
+    return forward(cfg, params, tokens).logits

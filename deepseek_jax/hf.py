@@ -260,7 +260,8 @@ def export_hf_checkpoint(cfg: ModelConfig, params: Any, path: str | os.PathLike,
             hf = (lambda arr=arr, ids=ids, leaf=leaf: leaf.to_hf(np.asarray(arr[ids], np.float32)))
             if fp8_weights and leaf.fp8_eligible:
                 nb = tuple(-(-d // fp8.BLOCK) for d in leaf.hf_shape)
-                entries.append((name, leaf.hf_shape, ml_dtypes.float8_e4m3fn, lambda hf=hf: fp8.quantize_weights(hf())[0]))
+                entries.append((name, leaf.hf_shape, ml_dtypes.float8_e4m3fn,
+                                lambda hf=hf: fp8.quantize_weights(hf())[0]))
                 entries.append((name + "_scale_inv", nb, np.float32, lambda hf=hf: fp8.quantize_weights(hf())[1]))
             else:
                 entries.append((name, leaf.hf_shape, dtype, hf))

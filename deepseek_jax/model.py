@@ -11,6 +11,7 @@ the MTP modules; the released weights order the MTP concat as [embedding; hidden
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import chex
@@ -129,9 +130,10 @@ class ModelOutput(NamedTuple):
     router_stats: Any  # {"expert_load": [...], "balance_loss": [...]} nested like the MoE params
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None) -> ModelOutput:
-    """Main logits, MTP logits and per-layer router statistics in one pass."""
+    """Main logits, MTP logits and per-layer router statistics in one pass (jit-compiled per config)."""
     (logits, mtp), stats = DeepSeekV3(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                                  mutable=["router_stats"])
     return ModelOutput(logits, mtp, stats.get("router_stats", {}))

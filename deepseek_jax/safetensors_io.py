@@ -68,8 +68,8 @@ class SafetensorsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.entries else b""
         e = self.entries[name]
         lo, hi = e["data_offsets"]
-        arr = np.frombuffer(self._map, dtype=DTYPES[e["dtype"]], count=(hi - lo) // np.dtype(DTYPES[e["dtype"]]).itemsize,
-                            offset=self.start + lo)
+        dtype = np.dtype(DTYPES[e["dtype"]])
+        arr = np.frombuffer(self._map, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=self.start + lo)
         return arr.reshape(e["shape"])
 
 
@@ -79,7 +79,8 @@ def write(path: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...],
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()

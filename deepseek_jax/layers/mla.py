@@ -39,7 +39,7 @@ class MLA(nn.Module):
         cfg = self.cfg
         heads, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(dtype=self.dtype, init_std=cfg.initializer_range)
-        norm = dict(eps=cfg.rms_norm_eps)
+        norm = dict(eps=1e-6)  # the latent norms use 1e-6 whatever rms_norm_eps says, as released
 
         if cfg.q_lora_rank:
             c_q = RMSNorm(**norm, axis_name="q_lora", name="q_a_norm")(

@@ -24,7 +24,8 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
         return freq.astype(np.float32)
 
     def correction_dim(n_rot: float) -> float:  # dim at which a wavelength spans n_rot turns
-        return d * math.log(cfg.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        turns = cfg.original_max_position_embeddings / (n_rot * 2 * math.pi)
+        return d * math.log(turns) / (2 * math.log(cfg.rope_theta))
 
     low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
     high = min(math.ceil(correction_dim(cfg.beta_slow)), d - 1)

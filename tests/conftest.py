@@ -1,0 +1,30 @@
+"""Every test sees 8 simulated CPU devices and full-precision f32 matmuls."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from deepseek_jax.config import ModelConfig  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """A V3-shaped model small enough for unit tests: 3 layers (1 dense, 2 MoE) and one MTP module."""
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, rope_factor=4.0,
+                original_max_position_embeddings=8, max_position_embeddings=64, initializer_range=0.1)
+    return ModelConfig(**(base | kw))
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_config()

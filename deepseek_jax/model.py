@@ -46,7 +46,7 @@ class Block(nn.Module):
         else:
             ffn = MLP(cfg.intermediate_size, dtype, cfg.initializer_range, name="mlp")
         h = h + ffn(RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h))
-        return nn.with_logical_constraint(h, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(h, ("batch", "length", None)), None
 
 
 def block_cls(cfg: ModelConfig) -> type[Block]:

@@ -29,7 +29,9 @@ def default_tile(rows: int, groups: int) -> int:
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str = "auto",
                    tile: int | None = None) -> jax.Array:
-    """x [rows, k] sorted by group, w [groups, k, n], group_sizes [groups] summing to rows -> [rows, n]."""
+    """x [rows, k] sorted by group, w [groups, k, n], group_sizes [groups] -> [rows, n].
+
+    Rows past sum(group_sizes) belong to no group and give zeros, as in ragged_dot."""
     if resolve_impl(impl) == "ragged":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
     return _tiled_grouped_matmul(x, w, group_sizes, tile or default_tile(x.shape[0], w.shape[0]))
@@ -42,8 +44,9 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, ti
     pad_end = jnp.cumsum(padded)
     start = jnp.cumsum(group_sizes) - group_sizes
     row_group = jnp.repeat(jnp.arange(groups), group_sizes, total_repeat_length=rows)
-    dest = (pad_end - padded)[row_group] + jnp.arange(rows) - start[row_group]
-    xp = jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x).reshape(n_tiles, tile, -1)
+    in_group = jnp.arange(rows) < jnp.sum(group_sizes)
+    dest = jnp.where(in_group, (pad_end - padded)[row_group] + jnp.arange(rows) - start[row_group], n_tiles * tile)
+    xp = jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x, mode="drop").reshape(n_tiles, tile, -1)
     tile_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right"), groups - 1)
     yp = jnp.einsum("tmk,tkn->tmn", xp, w.astype(x.dtype)[tile_group])
-    return yp.reshape(n_tiles * tile, -1)[dest]
+    return yp.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)

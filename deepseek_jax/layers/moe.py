@@ -13,11 +13,14 @@ Per layer the router sows into the `router_stats` collection:
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.ep import expert_axis_size, expert_parallel
 from deepseek_jax.layers.gmm import grouped_matmul
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.mlp import MLP
@@ -94,18 +97,25 @@ class Experts(nn.Module):
         down = self.param("down", nn.with_logical_partitioning(init, ("experts", "mlp", "embed")),
                           (n_exp, f, d), jnp.float32)
 
+        ffn = functools.partial(expert_ffn, dtype=self.dtype, impl=cfg.moe_impl)
+        if expert_axis_size() > 1:
+            return expert_parallel(ffn, x, weights, idx, (gate, up, down))
         flat = idx.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         token = order // idx.shape[-1]
-        sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
-        xs = x[token].astype(self.dtype)
-
-        def gmm(a, w):
-            return grouped_matmul(a, w.astype(self.dtype), sizes, impl=cfg.moe_impl)
-
-        ys = gmm(nn.silu(gmm(xs, gate)) * gmm(xs, up), down)
+        ys = ffn(x[token], jnp.bincount(flat, length=n_exp).astype(jnp.int32), gate, up, down)
         ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
         return jnp.zeros(x.shape, jnp.float32).at[token].add(ys).astype(x.dtype)
+
+
+def expert_ffn(xs: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *,
+               dtype: jnp.dtype, impl: str) -> jax.Array:
+    """SwiGLU of each expert on its rows: xs [rows, embed] sorted by expert, sizes [experts]."""
+    def gmm(a, w):
+        return grouped_matmul(a, w.astype(dtype), sizes, impl=impl)
+
+    xs = xs.astype(dtype)
+    return gmm(nn.silu(gmm(xs, gate)) * gmm(xs, up), down)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,218 @@
+"""Pretrain a DeepSeek-V3-style model.
+
+  python -m launch.train [--config=configs/tiny.py] [--workdir=DIR] [--config.steps=1000 ...]
+
+Rerunning the same command on the same workdir resumes from its latest checkpoint; the data
+order continues exactly. SIGTERM saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+import configs
+from deepseek_jax import sharding
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.data import load_or_train_tokenizer, make_iterator
+from deepseek_jax.metrics import MetricsWriter, flops_per_token, mfu, peak_flops, read_metrics
+from deepseek_jax.model import DeepSeekV3, abstract_params
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.step import eval_step, init_state, train_step
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "tiny.py")
+STAGES = ("pretrain",)
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """ModelConfig from config.model; an unknown key is an error naming it."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(config.model.keys()) - fields)
+    if unknown:
+        raise ConfigError(f"config.model has unknown keys {unknown}; valid keys: {sorted(fields)}")
+    return ModelConfig(**config.model.to_dict())
+
+
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
+    """Everything that can be checked before any compile."""
+    if config.stage not in STAGES:
+        raise ConfigError(f"config.stage={config.stage!r}: this launcher runs {STAGES}")
+    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "grad_accum"):
+        if config[key] < 1:
+            raise ConfigError(f"config.{key}={config[key]} must be >= 1")
+    if config.data.batch_size % (config.grad_accum * jax.process_count()):
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide by grad_accum="
+                          f"{config.grad_accum} x {jax.process_count()} processes")
+    return model_config(config)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Run (or resume) training in `workdir`; returns the metrics logged in this workdir."""
+    cfg = validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1, default=str)
+
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    boxed = abstract_params(cfg)
+    sharding.check_divisible(boxed, mesh)
+    tokenizer = load_or_train_tokenizer(config.data.tokenizer or None, cfg.vocab_size)
+    data = functools.partial(make_iterator, config.data.source, tokenizer, seq_len=config.data.seq_len,
+                             global_batch_size=config.data.batch_size, seed=config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    train_data = data(split="train")
+
+    tx, schedule = make_optimizer(config.optim, config.steps)
+    param_sh = sharding.logical_shardings(mesh, boxed)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    def init(key):
+        params = nn.meta.unbox(DeepSeekV3(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+        return init_state(jax.lax.with_sharding_constraint(params, param_sh), tx)
+
+    step_fn = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
+                                bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        init_compiled = jax.jit(init).lower(jax.random.key(config.seed)).compile()
+        state_sh = init_compiled.output_shardings
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+        writer = MetricsWriter(workdir)
+        start = ckpt.latest_step()
+        if start is None:
+            logged = read_metrics(workdir)
+            if logged:
+                raise CheckpointError(f"{workdir} holds metrics up to step {logged[-1]['step']} but no checkpoint "
+                                      "to resume from; use a fresh --workdir")
+            state = init_compiled(jax.random.key(config.seed))
+            if config.init_from:
+                state = state.replace(params=load_params(config.init_from, state.params))
+            start = 0
+        else:
+            abstract = jax.tree_util.tree_map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                              state_sh, jax.eval_shape(init, jax.random.key(0)))
+            start, state, data_state = ckpt.restore(abstract)
+            train_data.set_state(data_state)
+            print(f"resumed from step {start} in {workdir}", file=sys.stderr)
+        writer.truncate_after(start)
+        step_jit = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sh, None))
+        eval_jit = jax.jit(functools.partial(eval_step, cfg=cfg))
+
+        stop = {"signal": None}
+        previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
+        flops = flops_per_token(cfg, config.data.seq_len)
+        peak, _ = peak_flops()
+        tokens_per_step = config.data.batch_size * config.data.seq_len
+        last_good, t0, t0_step = start, time.time(), start
+        bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+        try:
+            for step in range(start + 1, config.steps + 1):
+                batch = jax.tree_util.tree_map(
+                    lambda x: jax.make_array_from_process_local_data(batch_sh, x), next(train_data))
+                state, metrics = step_jit(state, batch)
+                bar.update(1)
+                log = step % config.log_every == 0 or step == config.steps
+                save = step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]
+                if log or save:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not math.isfinite(metrics["loss"]):
+                        raise FloatingPointError(
+                            f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint "
+                            f"(step {last_good}) in {ckpt.directory} is kept. Lower optim.lr or check the data.")
+                if log:
+                    elapsed = time.time() - t0
+                    tps = tokens_per_step * (step - t0_step) / max(elapsed, 1e-9)
+                    metrics |= {"tokens_per_s": tps, "mfu": mfu(tps, flops, jax.device_count(), peak),
+                                "step_time_s": elapsed / (step - t0_step)}
+                    if step % config.eval_every == 0 or step == config.steps:
+                        metrics["eval_loss"] = evaluate(eval_jit, state.params, data(split="eval"),
+                                                        config.eval_batches, batch_sh)
+                    writer.write(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    t0, t0_step = time.time(), step
+                if save:
+                    ckpt.save(step, state, train_data.get_state(), wait=bool(stop["signal"]))
+                    last_good = step
+                if stop["signal"]:
+                    print(f"signal {stop['signal']}: saved step {step}, exiting", file=sys.stderr)
+                    break
+        finally:
+            bar.close()
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+            signal.signal(signal.SIGTERM, previous)
+    return read_metrics(workdir)
+
+
+def evaluate(eval_jit, params: Any, iterator, n_batches: int, batch_sh) -> float:
+    """Mean next-token CE over the first n_batches of the held-out split."""
+    total, count = 0.0, 0.0
+    for _, batch in zip(range(n_batches), iterator, strict=False):
+        out = eval_jit(params, jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch))
+        total, count = total + float(out["ce_sum"]), count + float(out["count"])
+    return total / max(count, 1.0)
+
+
+def load_params(path: str, like: Any) -> Any:
+    """Params from a training workdir (its latest checkpoint) or an orbax params directory."""
+    path = os.path.abspath(path)
+    target = abstract_like(like)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        ckpt = Checkpointer(os.path.join(path, "checkpoints"))
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"init_from={path} has no checkpoint")
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+        return jax.tree_util.tree_map(lambda t, x: jax.device_put(np.asarray(x), t.sharding), target,
+                                      restored.state["params"])
+    params_dir = os.path.join(path, "params") if os.path.isdir(os.path.join(path, "params")) else path
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"init_from={path} does not exist")
+    return ocp.StandardCheckpointer().restore(params_dir, target)
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{config.stage}")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: a fresh folder under runs/)")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(config)
+    print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
+    try:
+        metrics = train(config, workdir)
+    except (ConfigError, CheckpointError, sharding.MeshError, FloatingPointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        print(f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
+              f"metrics in {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,64 @@
+"""Meshes, the rules table, and expert parallelism against the single-device MoE."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from deepseek_jax import sharding
+from deepseek_jax.layers.moe import MoE
+from deepseek_jax.model import abstract_params
+
+
+def test_mesh_shape_resolves_the_rest():
+    assert sharding.mesh_shape({"data": -1, "expert": 2}, 8) == (4, 1, 2, 1)
+    assert sharding.make_mesh({"fsdp": 8}).shape == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("sizes,match", [
+    ({"data": -1, "fsdp": -1}, "at most one axis"),
+    ({"data": 3}, "does not divide 8 devices"),
+    ({"data": 2, "tensor": 2}, "uses 4 devices, but 8"),
+])
+def test_bad_meshes_are_named(sizes, match):
+    with pytest.raises(sharding.MeshError, match=match):
+        sharding.make_mesh(sizes)
+
+
+def test_indivisible_model_dims_name_param_and_axis():
+    cfg = tiny_config(n_routed_experts=12, n_group=4, topk_group=2)  # 12 experts over expert=8
+    with pytest.raises(sharding.MeshError, match=r"experts.*experts=12.*\('expert',\) of size 8"):
+        sharding.check_divisible(abstract_params(cfg), sharding.make_mesh({"expert": 8}))
+    cfg = tiny_config(num_attention_heads=3)
+    with pytest.raises(sharding.MeshError, match=r"heads=3.*tensor"):
+        sharding.check_divisible(abstract_params(cfg), sharding.make_mesh({"data": 4, "tensor": 2}))
+
+
+def test_param_shardings_follow_rules():
+    cfg = tiny_config()
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    sh = sharding.logical_shardings(mesh, abstract_params(cfg))
+    assert tuple(sh["layers_1"]["mlp"]["experts"]["gate"].spec) == (None, "expert", "fsdp", "tensor")
+    assert tuple(sh["layers_1"]["attn"]["q_b"]["kernel"].spec) == (None, None, "tensor", None)
+    assert tuple(sh["embed"]["embedding"].spec) == ("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("sizes", [{"data": 2, "expert": 2, "tensor": 2}, {"expert": 8}, {"fsdp": 2, "expert": 4}])
+def test_expert_parallel_moe_equals_single_device(sizes):
+    cfg = tiny_config()
+    x = jax.random.normal(jax.random.key(0), (8, 12, cfg.hidden_size))
+    params = nn.meta.unbox(MoE(cfg).init(jax.random.key(1), x)["params"])
+    params["router"]["e_score_correction_bias"] = jax.random.normal(jax.random.key(2), (16,)) * 0.1
+
+    def loss(p, x):
+        y, _ = MoE(cfg).apply({"params": p}, x, mutable=["router_stats"])
+        return jnp.sum(jnp.sin(y)), y
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, y0), g0 = grad(params, x)
+    with jax.set_mesh(sharding.make_mesh(sizes)):
+        (_, y1), g1 = jax.jit(grad)(params, x)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)

@@ -18,8 +18,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message says which and what to do."""
 
 
+def _plain_array_saves_on_cpu() -> None:
+    """Orbax splits replicated arrays across replicas with one compiled slice per replica and array:
+    worth it on accelerator pods, but on CPU it costs seconds of compiling on the first save."""
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        _plain_array_saves_on_cpu()
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -91,6 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
     step_fn = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
                                 bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum)
+    flops, (peak, _) = flops_per_token(cfg, config.data.seq_len), peak_flops()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         init_compiled = jax.jit(init).lower(jax.random.key(config.seed)).compile()
         state_sh = init_compiled.output_shardings
@@ -118,8 +119,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
         stop = {"signal": None}
         previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
-        flops = flops_per_token(cfg, config.data.seq_len)
-        peak, _ = peak_flops()
         tokens_per_step = config.data.batch_size * config.data.seq_len
         last_good, t0, t0_step = start, time.time(), start
         bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
@@ -201,6 +200,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: a fresh
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config)
     print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)

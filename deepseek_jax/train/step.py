@@ -96,7 +96,7 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
     metrics = {
         "loss": aux["ce"] + mtp_lambda * aux["mtp_loss"] + aux["balance_loss"],
         "ce": aux["ce"], "mtp_loss": aux["mtp_loss"], "balance_loss": aux["balance_loss"],
-        "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+        "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
         "expert_load_max_mean": load_imbalance(aux["loads"]), "tokens": n_tokens,
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -131,7 +131,7 @@ def test_corrupt_checkpoint_is_an_error(four_steps, tmp_path):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.raises(CheckpointError, match="step 4.*cannot be restored"):
+    with pytest.raises(CheckpointError, match=r"step 4.*cannot be restored"):
         train(small_config(steps=8), str(tmp_path))
 
 

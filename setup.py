@@ -24,7 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "matplotlib"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

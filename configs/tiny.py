@@ -3,7 +3,16 @@
 Learns visibly on 2 CPU cores in a few minutes: python -m launch.train
 """
 
+import dataclasses
+
 import ml_collections
+
+from deepseek_jax.config import ModelConfig
+
+
+def model_fields(**kw) -> ml_collections.ConfigDict:
+    """Every ModelConfig field (so each can be overridden with --config.model.X), validated now."""
+    return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**kw)))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,14 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.mtp_lambda = 0.3  # V3: 0.3 for the first 10T tokens, then 0.1
     c.bias_update_speed = 1e-3  # gamma of the auxiliary-loss-free bias update; 0 turns it off
-    c.model = ml_collections.ConfigDict(dict(
+    c.model = model_fields(
         vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
         q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
         routed_scaling_factor=2.5, num_nextn_predict_layers=1, rope_type="default", rope_factor=1.0,
         max_position_embeddings=1024, initializer_range=0.02, dtype="float32", remat="none", moe_impl="auto",
-    ))
+    )
     c.data = ml_collections.ConfigDict(dict(source="default", tokenizer="", seq_len=128, batch_size=16))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=30, decay_start=0.5, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -1,0 +1,18 @@
+"""The notebooks run top to bottom (as CI executes them)."""
+
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+
+
+def test_train_tiny_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel sees one CPU device, as a user's would
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "01_train_tiny_deepseek.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "DeepSeek-V3 671B: MLA    70,272 B/token   MHA   4,997,120 B/token   98.6% smaller" in text
+    first, last = (float(x) for x in text.split("loss ")[1].split(",")[0].split(" -> "))
+    assert last < first - 1.0

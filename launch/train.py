@@ -69,8 +69,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     cfg = validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=1, default=str)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
     boxed = abstract_params(cfg)
@@ -121,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
         tokens_per_step = config.data.batch_size * config.data.seq_len
         last_good, t0, t0_step = start, time.time(), start
-        bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr,
+                   disable=jax.process_index() != 0)
         try:
             for step in range(start + 1, config.steps + 1):
                 batch = jax.tree_util.tree_map(
@@ -196,19 +198,36 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: a fresh folder under runs/)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs without TPU/SLURM auto-detection")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize: explicit from the flags, automatic on TPU pods and under SLURM."""
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            sys.exit("error: --coordinator_address needs --num_processes and --process_id")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    init_distributed()
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config)
-    print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
+    if jax.process_index() == 0:
+        print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
     try:
         metrics = train(config, workdir)
     except (ConfigError, CheckpointError, sharding.MeshError, FloatingPointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if metrics:
+    if metrics and jax.process_index() == 0:
         first, last = metrics[0], metrics[-1]
         print(f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}; "
               f"metrics in {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')}")

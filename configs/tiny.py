@@ -40,6 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(source="default", tokenizer="", seq_len=128, batch_size=16))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=30, decay_start=0.5, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.1, clip=1.0, mu_dtype="float32"))
+        weight_decay=0.1, clip=1.0, moment_dtype="float32"))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     return c

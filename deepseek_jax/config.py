@@ -17,7 +17,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 # Our own runtime choices; never read from (or written to) a HF config.json.
-RUNTIME_FIELDS = ("dtype", "remat", "moe_impl")
+RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens")
 _ROPE_FIELDS = ("rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim")
 
@@ -74,7 +74,9 @@ class ModelConfig:
     # runtime choices (not in HF configs)
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"  # "none" | "full" | "dots" (rematerialization policy per block)
-    moe_impl: str = "auto"  # grouped matmul: "auto" | "ragged" | "tiled"
+    attention_chunk: int = 1024  # queries per attention block, each rematerialized; 0 = all at once
+    moe_chunk_tokens: int = 0  # tokens per device per expert-parallel dispatch round; 0 = all at once
+    moe_impl: str = "auto"  # "ragged": ragged_dot + ragged_all_to_all (TPU/GPU); "tiled": CPU; "auto": by backend
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -93,6 +95,8 @@ class ModelConfig:
         need(self.rope_type in ROPE_TYPES, "rope_type", f"choose one of {ROPE_TYPES}")
         need(self.remat in ("none", "full", "dots"), "remat", "choose none, full or dots")
         need(self.moe_impl in ("auto", "ragged", "tiled"), "moe_impl", "choose auto, ragged or tiled")
+        need(self.attention_chunk >= 0 and self.moe_chunk_tokens >= 0, "attention_chunk",
+             "attention_chunk and moe_chunk_tokens must be >= 0 (0 = no chunking)")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
         need(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")

@@ -112,8 +112,11 @@ class DeepSeekV3(nn.Module):
             def head(x):
                 return embed.attend(x.astype(jnp.float32))
         else:
-            head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
-                          init_std=cfg.initializer_range, name="head")
+            linear = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                            init_std=cfg.initializer_range, name="head")
+
+            def head(x):  # compute dtype (bf16 is V3's high precision), float32 logits
+                return linear(x).astype(jnp.float32)
         logits = head(RMSNorm(cfg.rms_norm_eps, name="norm")(h))
 
         mtp_logits = []

@@ -24,8 +24,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
+    ("q_lora", "fsdp"),  # MLA's low-rank dims carry FSDP where `embed` is not in the same kernel
+    ("kv_lora", "fsdp"),
     ("mlp", "tensor"),
     ("experts", "expert"),
     ("layers", None),

@@ -8,7 +8,6 @@ order continues exactly. SIGTERM saves a checkpoint and exits.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -28,40 +27,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-import configs
+from configs import DEFAULT_CONFIG, validate
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.config import ConfigError
 from deepseek_jax.data import load_or_train_tokenizer, make_iterator
 from deepseek_jax.metrics import MetricsWriter, flops_per_token, mfu, peak_flops, read_metrics
-from deepseek_jax.model import DeepSeekV3, abstract_params
+from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.step import eval_step, init_state, train_step
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "tiny.py")
-STAGES = ("pretrain",)
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """ModelConfig from config.model; an unknown key is an error naming it."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(config.model.keys()) - fields)
-    if unknown:
-        raise ConfigError(f"config.model has unknown keys {unknown}; valid keys: {sorted(fields)}")
-    return ModelConfig(**config.model.to_dict())
-
-
-def validate(config: ml_collections.ConfigDict) -> ModelConfig:
-    """Everything that can be checked before any compile."""
-    if config.stage not in STAGES:
-        raise ConfigError(f"config.stage={config.stage!r}: this launcher runs {STAGES}")
-    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "grad_accum"):
-        if config[key] < 1:
-            raise ConfigError(f"config.{key}={config[key]} must be >= 1")
-    if config.data.batch_size % (config.grad_accum * jax.process_count()):
-        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide by grad_accum="
-                          f"{config.grad_accum} x {jax.process_count()} processes")
-    return model_config(config)
+from deepseek_jax.train.step import abstract_state, eval_step, init_state, shardings_of, train_step
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -74,8 +48,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             json.dump(config.to_dict(), f, indent=1, default=str)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    boxed = abstract_params(cfg)
-    sharding.check_divisible(boxed, mesh)
     tokenizer = load_or_train_tokenizer(config.data.tokenizer or None, cfg.vocab_size)
     data = functools.partial(make_iterator, config.data.source, tokenizer, seq_len=config.data.seq_len,
                              global_batch_size=config.data.batch_size, seed=config.seed,
@@ -83,19 +55,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     train_data = data(split="train")
 
     tx, schedule = make_optimizer(config.optim, config.steps)
-    param_sh = sharding.logical_shardings(mesh, boxed)
     batch_sh = sharding.batch_sharding(mesh)
-
-    def init(key):
-        params = nn.meta.unbox(DeepSeekV3(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"])
-        return init_state(jax.lax.with_sharding_constraint(params, param_sh), tx)
-
     step_fn = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
                                 bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum)
     flops, (peak, _) = flops_per_token(cfg, config.data.seq_len), peak_flops()
+    abstract = abstract_state(cfg, tx, mesh)
+    state_sh = shardings_of(abstract)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        init_compiled = jax.jit(init).lower(jax.random.key(config.seed)).compile()
-        state_sh = init_compiled.output_shardings
+        @functools.partial(jax.jit, out_shardings=state_sh)
+        def init(key):  # params and optimizer state are created directly in their shardings
+            return init_state(nn.meta.unbox(DeepSeekV3(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]), tx)
+
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
         writer = MetricsWriter(workdir)
         start = ckpt.latest_step()
@@ -104,13 +74,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             if logged:
                 raise CheckpointError(f"{workdir} holds metrics up to step {logged[-1]['step']} but no checkpoint "
                                       "to resume from; use a fresh --workdir")
-            state = init_compiled(jax.random.key(config.seed))
+            state = init(jax.random.key(config.seed))
             if config.init_from:
                 state = state.replace(params=load_params(config.init_from, state.params))
             start = 0
         else:
-            abstract = jax.tree_util.tree_map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                              state_sh, jax.eval_shape(init, jax.random.key(0)))
             start, state, data_state = ckpt.restore(abstract)
             train_data.set_state(data_state)
             print(f"resumed from step {start} in {workdir}", file=sys.stderr)

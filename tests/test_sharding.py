@@ -41,13 +41,14 @@ def test_param_shardings_follow_rules():
     mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
     sh = sharding.logical_shardings(mesh, abstract_params(cfg))
     assert tuple(sh["layers_1"]["mlp"]["experts"]["gate"].spec) == (None, "expert", "fsdp", "tensor")
-    assert tuple(sh["layers_1"]["attn"]["q_b"]["kernel"].spec) == (None, None, "tensor", None)
+    assert tuple(sh["layers_1"]["attn"]["q_b"]["kernel"].spec) == (None, "fsdp", "tensor", None)
     assert tuple(sh["embed"]["embedding"].spec) == ("tensor", "fsdp")
 
 
-@pytest.mark.parametrize("sizes", [{"data": 2, "expert": 2, "tensor": 2}, {"expert": 8}, {"fsdp": 2, "expert": 4}])
-def test_expert_parallel_moe_equals_single_device(sizes):
-    cfg = tiny_config()
+@pytest.mark.parametrize("sizes,chunk", [({"data": 2, "expert": 2, "tensor": 2}, 0), ({"expert": 8}, 0),
+                                         ({"fsdp": 2, "expert": 4}, 4)])
+def test_expert_parallel_moe_equals_single_device(sizes, chunk):
+    cfg = tiny_config(moe_chunk_tokens=chunk)  # chunk 4: each device's 12 tokens go in 3 rounds
     x = jax.random.normal(jax.random.key(0), (8, 12, cfg.hidden_size))
     params = nn.meta.unbox(MoE(cfg).init(jax.random.key(1), x)["params"])
     params["router"]["e_score_correction_bias"] = jax.random.normal(jax.random.key(2), (16,)) * 0.1

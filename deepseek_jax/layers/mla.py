@@ -22,10 +22,37 @@ from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
 
 
-def attend(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked softmax in float32. scores [batch, heads, q_len, kv_len]; mask broadcastable, True = keep."""
-    scores = jnp.where(mask, scores.astype(jnp.float32), -1e30)
-    return jax.nn.softmax(scores, axis=-1)
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q [b, t, h, d] against per-head k [b, s, h, d] or shared k [b, s, d] -> [b, h, t, s]."""
+    return jnp.einsum("bthd,bshd->bhts" if k.ndim == 4 else "bthd,bsd->bhts", q, k)
+
+
+def _weighted(p: jax.Array, v: jax.Array) -> jax.Array:
+    return jnp.einsum("bhts,bshd->bthd" if v.ndim == 4 else "bhts,bsd->bthd", p, v)
+
+
+def attend(qs: tuple[jax.Array, ...], ks: tuple[jax.Array, ...], v: jax.Array, mask: jax.Array, scale: float,
+           chunk: int = 0) -> jax.Array:
+    """softmax(scale * sum_i q_i k_i^T, masked) v, softmax in float32. mask [b, 1, t, s], True = keep.
+
+    With chunk > 0 the queries go in blocks of `chunk`, each rematerialized in the backward pass, so
+    at most [b, h, chunk, s] scores are live instead of [b, h, t, s]."""
+    def block(q_block, mask_block):
+        scores = sum(_scores(q, k) for q, k in zip(q_block, ks, strict=True)).astype(jnp.float32) * scale
+        probs = jax.nn.softmax(jnp.where(mask_block, scores, -1e30), axis=-1)
+        return _weighted(probs.astype(v.dtype), v)
+
+    length = qs[0].shape[1]
+    if not chunk or length <= chunk or length % chunk:
+        return block(qs, mask)
+    n = length // chunk
+
+    def split(x, axis):
+        return jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:]), axis, 0)
+
+    out = jax.lax.map(jax.checkpoint(lambda args: block(*args)),
+                      (tuple(split(q, 1) for q in qs), split(mask, 2)))
+    return jnp.moveaxis(out, 0, 1).reshape(*qs[0].shape[:1], length, *out.shape[3:])
 
 
 class MLA(nn.Module):
@@ -57,16 +84,13 @@ class MLA(nn.Module):
             (cfg.kv_lora_rank, heads, nope + dv), jnp.float32).astype(self.dtype)
         w_uk, w_uv = wkv_b[..., :nope], wkv_b[..., nope:]
 
-        rope_scores = jnp.einsum("bthr,bsr->bhts", q_rope, k_rope)
-        if self.absorb:
+        scale, chunk = cfg.softmax_scale, cfg.attention_chunk
+        if self.absorb:  # attend in the latent space: keys and values are c_KV itself
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
-            scores = jnp.einsum("bthc,bsc->bhts", q_latent, c_kv) + rope_scores
-            probs = attend(scores * cfg.softmax_scale, mask).astype(self.dtype)
-            out = jnp.einsum("chd,bthc->bthd", w_uv, jnp.einsum("bhts,bsc->bthc", probs, c_kv))
+            out_latent = attend((q_latent, q_rope), (c_kv, k_rope), c_kv, mask, scale, chunk)
+            out = jnp.einsum("bthc,chd->bthd", out_latent, w_uv)
         else:
             k_nope = jnp.einsum("bsc,chd->bshd", c_kv, w_uk)
             v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
-            scores = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope) + rope_scores
-            probs = attend(scores * cfg.softmax_scale, mask).astype(self.dtype)
-            out = jnp.einsum("bhts,bshd->bthd", probs, v)
+            out = attend((q_nope, q_rope), (k_nope, k_rope), v, mask, scale, chunk)
         return Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)(out)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.ep import expert_axis_size, expert_parallel
-from deepseek_jax.layers.gmm import grouped_matmul
+from deepseek_jax.layers.gmm import grouped_matmul, resolve_impl
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.mlp import MLP
 
@@ -99,7 +99,9 @@ class Experts(nn.Module):
 
         ffn = functools.partial(expert_ffn, dtype=self.dtype, impl=cfg.moe_impl)
         if expert_axis_size() > 1:
-            return expert_parallel(ffn, x, weights, idx, (gate, up, down))
+            ragged = resolve_impl(cfg.moe_impl) == "ragged"
+            return expert_parallel(ffn, x, weights, idx, (gate, up, down), ragged=ragged,
+                                   chunk=cfg.moe_chunk_tokens)
         flat = idx.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         token = order // idx.shape[-1]

@@ -9,13 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.sharding import Mesh
 
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import forward
+from deepseek_jax.model import abstract_params, forward
 from deepseek_jax.train.losses import cross_entropy_sum, shifted_targets, sum_balance_loss
 from deepseek_jax.train.optimizer import BIAS
 
@@ -28,6 +31,38 @@ class TrainState(flax.struct.PyTreeNode):
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings: params by the rules table,
+    optimizer moments like their params, everything else replicated. Allocates nothing (call it outside
+    a mesh context); a mesh that
+    does not divide the model is a MeshError naming the param, dimension and axis."""
+    boxed = abstract_params(cfg)
+    sharding.check_divisible(boxed, mesh)
+    param_sh = sharding.logical_shardings(mesh, boxed)
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    nn.meta.unbox(boxed), param_sh)
+    replicated = sharding.replicated(mesh)
+    by_path = {_keys(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def like_param(path, x):  # optimizer leaves sit under their param's key path (e.g. mu/layers_1/...)
+        keys = _keys(path)
+        match = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
+        sh = match.sharding if match is not None and match.shape == x.shape else replicated
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    opt_state = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                      opt_state=opt_state)
+
+
+def _keys(path: tuple) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def shardings_of(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
 def loss_terms(cfg: ModelConfig, params: Any, batch: dict, mtp_lambda: float, n_tokens: jax.Array,

@@ -1,0 +1,131 @@
+"""Compile the real train step ahead of time for a TPU topology, from a CPU machine.
+
+  python -m launch.compile --config=configs/v3_671b.py --topology=v5p-512 [--config.key=value ...]
+
+Needs libtpu (pip install -e ".[tpu]") for TPU topologies; --topology=cpu compiles for this
+machine's devices instead. Nothing is allocated: params, optimizer state and batch are abstract
+arrays carrying their shardings. Prints per-device memory and FLOPs, and as its last line a JSON
+object with per_device_bytes and flops_per_step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import DEFAULT_CONFIG, validate
+from deepseek_jax import sharding
+from deepseek_jax.config import ConfigError
+from deepseek_jax.metrics import flops_per_token, param_counts
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.step import abstract_state, train_step
+
+# TPU slices by name: TensorCores for v4/v5p (2 per chip, one JAX device per chip), chips for v5e/v6e
+CUBE = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
+        1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16", 6144: "8x16x24", 8192: "16x16x16", 12288: "16x16x24"}
+PLANE = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+GENERATIONS = {"v4": ("v4", CUBE), "v5p": ("v5p", CUBE), "v5e": ("v5e", PLANE), "v5litepod": ("v5e", PLANE),
+               "v6e": ("v6e", PLANE)}
+HBM_GIB = {"v4": 32.0, "v5p": 95.74, "v5e": 16.0, "v6e": 32.0}  # per chip, as XLA reports it usable (v5p: "95 GB")
+
+
+def topology_devices(name: str) -> tuple[list, float | None]:
+    """Devices of a named TPU slice (e.g. v5p-512) or of this machine (cpu); and HBM GiB per device."""
+    if name == "cpu":
+        return jax.devices(), None
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if not m or int(m.group(2)) not in GENERATIONS[m.group(1)][1]:
+        raise ConfigError(f"--topology={name!r}: use cpu or a TPU slice like v5p-512, v4-128, v5e-256, v6e-64 "
+                          f"(v4/v5p sizes {sorted(CUBE)}; v5e/v6e sizes {sorted(PLANE)})")
+    gen, shapes = GENERATIONS[m.group(1)]
+    # libtpu probes for a local TPU when it loads; describe the target instead of this host
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(f"{gen}:{shapes[int(m.group(2))]}", "tpu")
+    except Exception as e:  # no libtpu, or it refuses the slice
+        raise ConfigError(f"cannot describe TPU topology {name} ({e}); install libtpu with "
+                          'pip install -e ".[tpu]"') from e
+    return list(topo.devices), HBM_GIB[gen]
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict:
+    """Lower and compile the train step over `devices`; returns the memory and cost figures."""
+    cfg = validate(config)
+    if devices[0].platform == "tpu" and cfg.moe_impl == "auto":
+        cfg = cfg.replace(moe_impl="ragged")  # ragged_dot and ragged_all_to_all, as on the chips
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    tx, schedule = make_optimizer(config.optim, config.steps)
+    state = abstract_state(cfg, tx, mesh)
+    rows, length = config.data.batch_size, config.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
+             for k in ("tokens", "positions", "segment_ids")}
+    step = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
+                             bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum)
+    start = time.time()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        lowered = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, None)).lower(state, batch)
+        compiled = lowered.compile()
+    seconds = time.time() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+    alias = getattr(mem, "alias_size_in_bytes", 0)
+    per_device = args + out - alias + temp
+    return {
+        "devices": len(devices), "mesh": dict(mesh.shape), "compile_seconds": round(seconds, 1),
+        "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+        "per_device_bytes": per_device,
+        # XLA's cost analysis counts a scan body once, not per layer: the model count is the step's FLOPs
+        "flops_per_step": flops_per_token(cfg, length) * rows * length,
+        "xla_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
+        "params": param_counts(cfg)["total"],
+    }
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "TPU slice (v5p-512, v4-128, v5e-256, ...) or cpu")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        devices, hbm_gib = topology_devices(_TOPOLOGY.value)
+        r = compile_train_step(_CONFIG.value, devices)
+    except (ConfigError, sharding.MeshError) as e:
+        sys.exit(f"error: {e}")
+    gib = 2**30
+    print(f"topology {_TOPOLOGY.value}: {r['devices']} devices, mesh {r['mesh']}, "
+          f"{r['params'] / 1e9:.1f}B params, compiled in {r['compile_seconds']:.0f}s")
+    print(f"per device: arguments {r['argument_bytes'] / gib:.2f} GiB, outputs {r['output_bytes'] / gib:.2f} GiB "
+          f"(aliased {r['alias_bytes'] / gib:.2f} GiB), temporaries {r['temp_bytes'] / gib:.2f} GiB "
+          f"-> {r['per_device_bytes'] / gib:.2f} GiB ({r['per_device_bytes'] / 1e9:.2f} GB)"
+          + (f" of {hbm_gib} GiB HBM" if hbm_gib else ""))
+    print(f"FLOPs per step: {r['flops_per_step']:.3e} (model: 6N + attention, activated experts); "
+          f"XLA counts {r['xla_flops_per_step']:.3e} with each scan body once")
+    if hbm_gib is not None:
+        fits = r["per_device_bytes"] <= hbm_gib * gib
+        print(f"fits in {hbm_gib} GiB per chip: {'yes' if fits else 'NO'} "
+              f"({math.ceil(100 * r['per_device_bytes'] / (hbm_gib * gib))}%)")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -99,20 +99,24 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict
     }
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "TPU slice (v5p-512, v4-128, v5e-256, ...) or cpu")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
+    flags.DEFINE_string("topology", "cpu", "TPU slice (v5p-512, v4-128, v5e-256, ...) or cpu")
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     try:
-        devices, hbm_gib = topology_devices(_TOPOLOGY.value)
-        r = compile_train_step(_CONFIG.value, devices)
+        devices, hbm_gib = topology_devices(FLAGS.topology)
+        r = compile_train_step(FLAGS.config, devices)
     except (ConfigError, sharding.MeshError) as e:
         sys.exit(f"error: {e}")
     gib = 2**30
-    print(f"topology {_TOPOLOGY.value}: {r['devices']} devices, mesh {r['mesh']}, "
+    print(f"topology {FLAGS.topology}: {r['devices']} devices, mesh {r['mesh']}, "
           f"{r['params'] / 1e9:.1f}B params, compiled in {r['compile_seconds']:.0f}s")
     print(f"per device: arguments {r['argument_bytes'] / gib:.2f} GiB, outputs {r['output_bytes'] / gib:.2f} GiB "
           f"(aliased {r['alias_bytes'] / gib:.2f} GiB), temporaries {r['temp_bytes'] / gib:.2f} GiB "
@@ -128,4 +132,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -164,21 +164,26 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{config.stage}")
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: a fresh folder under runs/)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs without TPU/SLURM auto-detection")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator_address)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program, so importing this module defines nothing)."""
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (default: a fresh folder under runs/)")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0, for multi-process runs without TPU/SLURM auto-detection")
+    flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator_address)")
+    flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
 
 
 def init_distributed() -> None:
     """jax.distributed.initialize: explicit from the flags, automatic on TPU pods and under SLURM."""
-    if _COORDINATOR.value:
-        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+    if FLAGS.coordinator_address:
+        if FLAGS.num_processes is None or FLAGS.process_id is None:
             sys.exit("error: --coordinator_address needs --num_processes and --process_id")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
 
@@ -187,8 +192,8 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     init_distributed()
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(config)
+    config = FLAGS.config
+    workdir = FLAGS.workdir or default_workdir(config)
     if jax.process_index() == 0:
         print(f"workdir: {os.path.abspath(workdir)}", file=sys.stderr)
     try:
@@ -202,4 +207,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

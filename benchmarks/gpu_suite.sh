@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks, as one short script (H200: about 5 minutes).
+#   1. the tiny config in float32 on CPU and on the accelerator: the logged losses must agree (rtol 2e-3);
+#   2. configs/small_moe.py in bf16 for a few dozen steps: tokens/s and MFU against the chip's bf16 peak.
+# Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (SUITE_STEPS=40 by default; PYTHON=python3;
+#        SMALL_ARGS="--config.data.batch_size=2" shrinks check 2 for a CPU dry run)
+# On a machine without an accelerator both runs of check 1 use the CPU, which tests the script itself.
+set -euo pipefail
+OUT=${1:-${OUT:-/tmp/gpu_suite}}
+PY=${PYTHON:-python3}
+STEPS=${SUITE_STEPS:-40}
+mkdir -p "$OUT"
+export JAX_DEFAULT_MATMUL_PRECISION=highest  # f32 parity: no TF32 on the GPU side
+TINY=(--config.steps=20 --config.log_every=5 --config.eval_every=20 --config.checkpoint_every=1000)
+
+echo "== 1. tiny config: CPU vs $($PY -c 'import jax; print(jax.default_backend())')"
+JAX_PLATFORMS=cpu $PY -m launch.train --workdir="$OUT/tiny_cpu" "${TINY[@]}" 2>"$OUT/tiny_cpu.log"
+$PY -m launch.train --workdir="$OUT/tiny_accel" "${TINY[@]}" 2>"$OUT/tiny_accel.log"
+$PY - "$OUT" <<'PY'
+import json, sys
+import numpy as np
+out = sys.argv[1]
+a, b = ([json.loads(l) for l in open(f"{out}/{d}/metrics.jsonl")] for d in ("tiny_cpu", "tiny_accel"))
+la, lb = np.array([m["loss"] for m in a]), np.array([m["loss"] for m in b])
+rel = float(np.max(np.abs(la - lb) / np.abs(la)))
+print(f"losses cpu {np.round(la, 4).tolist()}\n       accel {np.round(lb, 4).tolist()}\nmax rel diff {rel:.2e}")
+print("PARITY", "OK" if rel < 2e-3 else "FAILED")
+PY
+
+echo "== 2. small_moe (bf16), $STEPS steps"
+unset JAX_DEFAULT_MATMUL_PRECISION
+$PY -m launch.train --config=configs/small_moe.py --workdir="$OUT/small_moe" --config.steps="$STEPS" \
+  --config.log_every=10 --config.eval_every=100000 --config.checkpoint_every=100000 ${SMALL_ARGS:-} \
+  2>"$OUT/small_moe.log"
+$PY - "$OUT" <<'PY'
+import json, sys
+from deepseek_jax.metrics import peak_flops
+out = sys.argv[1]
+m = [json.loads(l) for l in open(f"{out}/small_moe/metrics.jsonl")][1:]  # the first interval holds the compile
+peak, source = peak_flops()
+tps = sum(x["tokens_per_s"] for x in m) / len(m)
+mfu = sum(x["mfu"] for x in m) / len(m)
+print(f"small_moe: {tps:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s ({source}), "
+      f"loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")
+json.dump({"tokens_per_s": tps, "mfu": mfu, "peak_flops": peak}, open(f"{out}/small_moe.json", "w"))
+PY

@@ -40,7 +40,7 @@ m = [json.loads(l) for l in open(f"{out}/small_moe/metrics.jsonl")][1:]  # the f
 peak, source = peak_flops()
 tps = sum(x["tokens_per_s"] for x in m) / len(m)
 mfu = sum(x["mfu"] for x in m) / len(m)
-print(f"small_moe: {tps:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s ({source}), "
+print(f"small_moe: {tps:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak / 1e12:.3g} TFLOP/s ({source}), "
       f"loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")
 json.dump({"tokens_per_s": tps, "mfu": mfu, "peak_flops": peak}, open(f"{out}/small_moe.json", "w"))
 PY

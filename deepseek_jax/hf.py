@@ -252,8 +252,9 @@ def export_hf_checkpoint(cfg: ModelConfig, params: Any, path: str | os.PathLike,
     flat = traverse_util.flatten_dict(params)
     if fp8_weights:
         cfg = cfg.replace(fp8_weight_block=(fp8.BLOCK, fp8.BLOCK))
+    specs = {leaf.path: leaf for leaf in leaves(cfg)}
     entries = []  # (name, shape, dtype, produce)
-    for leaf in leaves(cfg):
+    for leaf in specs.values():
         arr = flat[leaf.path]
         for ids in itertools.product(*(range(len(s)) for s in leaf.stack)):
             name = leaf.name(tuple(s[i] for s, i in zip(leaf.stack, ids, strict=True)))
@@ -267,7 +268,7 @@ def export_hf_checkpoint(cfg: ModelConfig, params: Any, path: str | os.PathLike,
                 entries.append((name, leaf.hf_shape, dtype, hf))
     for k in range(cfg.num_nextn_predict_layers):
         for suffix, src in MTP_COPIES.items():
-            leaf = next(x for x in leaves(cfg) if x.path == src)
+            leaf = specs[src]
             entries.append((f"model.layers.{cfg.num_hidden_layers + k}.{suffix}", leaf.hf_shape, dtype,
                             lambda leaf=leaf: leaf.to_hf(np.asarray(flat[leaf.path], np.float32))))
 

@@ -6,6 +6,9 @@ and x ~= q * s. An all-zero tile has s = 0 and dequantizes to exact zeros.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +49,17 @@ def quantize_weights(w: jax.Array, block: tuple[int, int] = (BLOCK, BLOCK)) -> t
     wb = wp.reshape(*w.shape[:-2], kb, bk, nb, bn)
     q, s = _encode(wb, jnp.max(jnp.abs(wb), axis=(-3, -1), keepdims=True))
     return q.reshape(wp.shape)[..., :k, :n], s[..., :, 0, :, 0]
+
+
+def stored_weight(module: Any, name: str, w: jax.Array, in_dims: int = 1, lead: int = 0) -> jax.Array:
+    """A param as the model uses it: E4M3 codes kept from an FP8 checkpoint (load_hf_checkpoint with
+    keep_fp8=True) are dequantized with the `{name}_scale_inv` blocks stored beside them. The block grid
+    covers the kernel as a matrix [lead..., prod(in dims), prod(out dims)]."""
+    if not module.has_variable("params", name + "_scale_inv"):
+        return w
+    scale = module.get_variable("params", name + "_scale_inv")
+    matrix = w.reshape(*w.shape[:lead], math.prod(w.shape[lead:lead + in_dims]), -1)
+    return dequantize_weights(matrix, scale).reshape(w.shape)
 
 
 def dequantize_weights(q: jax.Array, s: jax.Array, block: tuple[int, int] = (BLOCK, BLOCK),

@@ -161,11 +161,17 @@ class _Checkpoint:
             st = SafetensorsFile(file_path)
             self.where.update({k: st for k in st.keys()})
 
-    def read(self, name: str, shape: tuple[int, ...], block: tuple[int, int]) -> np.ndarray:
-        """One tensor as float32, FP8 dequantized (w = q * s per block), checked against `shape`."""
+    def is_fp8(self, name: str) -> bool:
+        return self.where[name].entries[name]["dtype"] == "F8_E4M3"
+
+    def read(self, name: str, shape: tuple[int, ...], block: tuple[int, int], dequantize: bool = True) -> np.ndarray:
+        """One tensor as float32, FP8 dequantized (w = q * s per block), checked against `shape`;
+        dequantize=False returns FP8 codes as they are."""
         w = self.where[name].get(name)
         if tuple(w.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(w.shape)}, the config implies {tuple(shape)}")
+        if w.dtype == ml_dtypes.float8_e4m3fn and not dequantize:
+            return w
         if w.dtype == ml_dtypes.float8_e4m3fn:
             scale = name + "_scale_inv"
             if scale not in self.where:
@@ -175,11 +181,13 @@ class _Checkpoint:
 
 
 def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = jnp.bfloat16, shardings: Any = None,
-                       **overrides: Any) -> tuple[ModelConfig, Any]:
+                       keep_fp8: bool = False, **overrides: Any) -> tuple[ModelConfig, Any]:
     """Directory with config.json + *.safetensors -> (ModelConfig, params in `dtype`).
 
     `shardings`, a pytree of jax.sharding.Sharding like the params, places each leaf directly in
-    its sharding; each device reads only its slice. `overrides` go to ModelConfig.from_hf.
+    its sharding; each device reads only its slice. keep_fp8: FP8 weights stay E4M3 codes (half the
+    memory of bf16), with their block scales beside them as `{name}_scale_inv` [..., in/128, out/128];
+    the model dequantizes them as it runs. `overrides` go to ModelConfig.from_hf.
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path, **overrides)
@@ -216,28 +224,38 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = jnp.bfloat16, shard
             k: v for k, v in nn.meta.unbox(DeepSeekV3(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]).items()
             if k.startswith("mtp_")})(jax.random.key(0)))
 
-    def read(leaf: Leaf, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    def read(leaf: Leaf, index: tuple[slice, ...] | None = None, part: str = "value") -> np.ndarray:
+        """The leaf (or its slice `index`): "value" in `dtype`, FP8 "codes", or their block "scales"."""
         index = index or tuple(slice(None) for _ in leaf.shape)
         n = len(leaf.stack)
         picks = [ids[index[a]] for a, ids in enumerate(leaf.stack)]
         out = None
         for pos in itertools.product(*(range(len(p)) for p in picks)):
-            w = leaf.to_ours(ckpt.read(leaf.name(tuple(p[i] for p, i in zip(picks, pos, strict=True))),
-                                       leaf.hf_shape, block))[index[n:]]
+            name = leaf.name(tuple(p[i] for p, i in zip(picks, pos, strict=True)))
+            if part == "scales":  # HF's grid is [out/128, in/128]; ours follows the kernel, [in/128, out/128]
+                w = ckpt.where[name + "_scale_inv"].get(name + "_scale_inv").T
+            else:
+                w = leaf.to_ours(ckpt.read(name, leaf.hf_shape, block, dequantize=part == "value"))[index[n:]]
             if out is None:
-                out = np.empty(tuple(len(p) for p in picks) + w.shape, dtype)
+                out = np.empty(tuple(len(p) for p in picks) + w.shape, w.dtype if part != "value" else dtype)
             out[pos] = w
         return out
 
+    def fp8_stored(leaf: Leaf) -> bool:
+        return keep_fp8 and bool(leaf.in_dims) and ckpt.is_fp8(leaf.name(tuple(s[0] for s in leaf.stack)))
+
     params = {}
     for leaf in specs:
+        part = "codes" if leaf.path not in fresh and fp8_stored(leaf) else "value"
         if leaf.path in fresh:
             params[leaf.path] = fresh[leaf.path].astype(dtype)
         elif leaf.path in flat_shardings:
             params[leaf.path] = jax.make_array_from_callback(
-                leaf.shape, flat_shardings[leaf.path], lambda idx, leaf=leaf: read(leaf, idx))
+                leaf.shape, flat_shardings[leaf.path], lambda idx, leaf=leaf, part=part: read(leaf, idx, part))
         else:
-            params[leaf.path] = jnp.asarray(read(leaf))
+            params[leaf.path] = jnp.asarray(read(leaf, part=part))
+        if part == "codes":
+            params[(*leaf.path[:-1], leaf.path[-1] + "_scale_inv")] = jnp.asarray(read(leaf, part="scales"))
     return cfg, traverse_util.unflatten_dict(params)
 
 

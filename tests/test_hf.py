@@ -190,3 +190,19 @@ def test_sharded_load_places_each_leaf(tmp_path):
     assert experts.sharding == shardings["layers_1"]["mlp"]["experts"]["gate"]
     assert len(experts.addressable_shards) == 4
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, sharded)
+
+
+def test_fp8_weights_can_stay_fp8():
+    """keep_fp8: E4M3 codes and their block scales are kept; the model dequantizes them as it runs."""
+    path = os.path.join(FIXTURES, "v3_fp8")
+    cfg, params = dsj.load_hf_checkpoint(path, dtype=jnp.float32, keep_fp8=True)
+    q_b = params["layers_1"]["attn"]["q_b"]
+    assert q_b["kernel"].dtype == jnp.float8_e4m3fn
+    assert q_b["kernel_scale_inv"].shape == (2, 1, 1)  # 2 layers; [ceil(48/128), ceil(4*24/128)]
+    assert params["layers_1"]["mlp"]["experts"]["gate"].dtype == jnp.float8_e4m3fn
+    assert params["layers_1"]["mlp"]["experts"]["gate_scale_inv"].shape == (2, 16, 2, 1)  # [.., 192/128, 32/128]
+    assert params["embed"]["embedding"].dtype == jnp.float32  # never quantized
+    ref = np.load(os.path.join(path, "reference.npz"))
+    out = np.asarray(dsj.logits(cfg, params, jnp.asarray(ref["tokens"])))
+    rel = np.abs(out - ref["logits"]).max() / np.abs(ref["logits"]).max()
+    assert rel < 1e-4, rel

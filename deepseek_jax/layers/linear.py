@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.fp8 import stored_weight
+
 
 class Linear(nn.Module):
     """y = x . W, contracting the last `in_dims` axes of x with the first of W.
@@ -29,6 +31,7 @@ class Linear(nn.Module):
             raise ValueError(f"{self.name}: kernel shape {shape} needs {len(shape)} axis names, got {self.axes}")
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(self.init_std), tuple(self.axes)), shape, jnp.float32)
+        kernel = stored_weight(self, "kernel", kernel, self.in_dims)
         contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
         return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.fp8 import stored_weight
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
@@ -81,7 +82,8 @@ class MLA(nn.Module):
         k_rope = apply_rope(kv[..., None, cfg.kv_lora_rank:], cos, sin)[..., 0, :]
         wkv_b = self.param("wkv_b", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.initializer_range), ("kv_lora", "heads", "head_dim")),
-            (cfg.kv_lora_rank, heads, nope + dv), jnp.float32).astype(self.dtype)
+            (cfg.kv_lora_rank, heads, nope + dv), jnp.float32)
+        wkv_b = stored_weight(self, "wkv_b", wkv_b).astype(self.dtype)
         w_uk, w_uv = wkv_b[..., :nope], wkv_b[..., nope:]
 
         scale, chunk = cfg.softmax_scale, cfg.attention_chunk

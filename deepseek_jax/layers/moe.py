@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.fp8 import stored_weight
 from deepseek_jax.layers.ep import expert_axis_size, expert_parallel
 from deepseek_jax.layers.gmm import grouped_matmul, resolve_impl
 from deepseek_jax.layers.linear import Linear
@@ -96,6 +97,7 @@ class Experts(nn.Module):
         up = self.param("up", nn.with_logical_partitioning(init, w_in), (n_exp, d, f), jnp.float32)
         down = self.param("down", nn.with_logical_partitioning(init, ("experts", "mlp", "embed")),
                           (n_exp, f, d), jnp.float32)
+        gate, up, down = (stored_weight(self, k, w, lead=1) for k, w in (("gate", gate), ("up", up), ("down", down)))
 
         ffn = functools.partial(expert_ffn, dtype=self.dtype, impl=cfg.moe_impl)
         if expert_axis_size() > 1:

@@ -54,6 +54,19 @@ def _in_rounds(fn: Callable, chunk: int, x, weights, idx, *params):
     return out.reshape(n_tok, -1)
 
 
+def sort_by_expert(idx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """idx [tokens, top_k] -> (order of the flat assignments by expert, their expert ids, their tokens)."""
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, flat[order], order // idx.shape[-1]
+
+
+def combine(rows: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, like: jax.Array) -> jax.Array:
+    """y_t = sum_k g_tk FFN_k(x_t): rows [assignments, embed] in `order`, summed per token in float32."""
+    rows = rows.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((like.shape[0], rows.shape[-1]), jnp.float32).at[token].add(rows).astype(like.dtype)
+
+
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
@@ -99,12 +112,8 @@ def _ragged_exchange(rows: jax.Array, expert: jax.Array, dest: jax.Array, sent: 
 
 def _dispatch_compute_combine(ffn, ragged, x, weights, idx, *params):
     ep = jax.lax.axis_size("expert")
-    n_tok, k = idx.shape
     local = params[0].shape[0]
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # by expert, hence by destination device
-    expert = flat[order]
-    token = order // k
+    order, expert, token = sort_by_expert(idx)  # by expert, hence by destination device
     dest = expert // local
     sent = jnp.bincount(dest, length=ep).astype(jnp.int32)
     exchange = _ragged_exchange if ragged else _padded_exchange
@@ -117,5 +126,4 @@ def _dispatch_compute_combine(ffn, ragged, x, weights, idx, *params):
     out = jnp.zeros((recv_x.shape[0], ys.shape[-1]), ys.dtype).at[by_expert].set(ys)
 
     # combine: results travel back to their senders, then each token sums its k experts
-    y = back(out).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((n_tok, y.shape[-1]), jnp.float32).at[token].add(y).astype(x.dtype)
+    return combine(back(out), weights, order, token, x)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import stored_weight
-from deepseek_jax.layers.ep import expert_axis_size, expert_parallel
+from deepseek_jax.layers.ep import combine, expert_axis_size, expert_parallel, sort_by_expert
 from deepseek_jax.layers.gmm import grouped_matmul, resolve_impl
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.mlp import MLP
@@ -104,12 +104,9 @@ class Experts(nn.Module):
             ragged = resolve_impl(cfg.moe_impl) == "ragged"
             return expert_parallel(ffn, x, weights, idx, (gate, up, down), ragged=ragged,
                                    chunk=cfg.moe_chunk_tokens)
-        flat = idx.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        token = order // idx.shape[-1]
-        ys = ffn(x[token], jnp.bincount(flat, length=n_exp).astype(jnp.int32), gate, up, down)
-        ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros(x.shape, jnp.float32).at[token].add(ys).astype(x.dtype)
+        order, expert, token = sort_by_expert(idx)
+        ys = ffn(x[token], jnp.bincount(expert, length=n_exp).astype(jnp.int32), gate, up, down)
+        return combine(ys, weights, order, token, x)
 
 
 def expert_ffn(xs: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *,

@@ -18,6 +18,8 @@ setup(
         "tensorstore",
         "ml-collections",
         "sentencepiece",
+        "tokenizers",
+        "jinja2",
         "safetensors",
         "ml_dtypes",
         "numpy",

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script (H200: about 5 minutes).
 #   1. the tiny config in float32 on CPU and on the accelerator: the logged losses must agree (rtol 2e-3);
-#   2. configs/small_moe.py in bf16 for a few dozen steps: tokens/s and MFU against the chip's bf16 peak.
+#   2. configs/small_moe.py in bf16 for a few dozen steps: tokens/s and MFU against the chip's bf16 peak;
+#   3. the MLA decode kernel (kernels_pallas/mla_decode.py): HBM GB/s next to plain XLA (on CPU: correctness only).
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (SUITE_STEPS=40 by default; PYTHON=python3;
-#        SMALL_ARGS="--config.data.batch_size=2" shrinks check 2 for a CPU dry run)
+#        SMALL_ARGS="--config.data.batch_size=2" shrinks check 2 for a CPU dry run;
+#        MLA_ARGS="--batch 64 --context 4096" narrows check 3)
 # On a machine without an accelerator both runs of check 1 use the CPU, which tests the script itself.
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_suite}}
@@ -44,3 +46,7 @@ print(f"small_moe: {tps:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak / 1e12:.3g
       f"loss {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")
 json.dump({"tokens_per_s": tps, "mfu": mfu, "peak_flops": peak}, open(f"{out}/small_moe.json", "w"))
 PY
+
+echo "== 3. MLA decode kernel: HBM bandwidth vs plain XLA"
+$PY benchmarks/mla_decode.py ${MLA_ARGS:-} | tee "$OUT/mla_decode.log"
+tail -n 1 "$OUT/mla_decode.log" > "$OUT/mla_decode.json"

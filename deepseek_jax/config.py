@@ -17,7 +17,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 # Our own runtime choices; never read from (or written to) a HF config.json.
-RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens")
+RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens", "decode_attention")
 _ROPE_FIELDS = ("rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim")
 
@@ -77,6 +77,9 @@ class ModelConfig:
     attention_chunk: int = 1024  # queries per attention block, each rematerialized; 0 = all at once
     moe_chunk_tokens: int = 0  # tokens per device per expert-parallel dispatch round; 0 = all at once
     moe_impl: str = "auto"  # "ragged": ragged_dot + ragged_all_to_all (TPU/GPU); "tiled": CPU; "auto": by backend
+    # cached decoding: "pallas" (kernels_pallas.mla_decode), "absorb" (jnp, latent space), "naive" (decompressed
+    # per-head K/V), or "auto": pallas on GPU/TPU, absorb on CPU
+    decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -95,6 +98,8 @@ class ModelConfig:
         need(self.rope_type in ROPE_TYPES, "rope_type", f"choose one of {ROPE_TYPES}")
         need(self.remat in ("none", "full", "dots"), "remat", "choose none, full or dots")
         need(self.moe_impl in ("auto", "ragged", "tiled"), "moe_impl", "choose auto, ragged or tiled")
+        need(self.decode_attention in ("auto", "pallas", "absorb", "naive"), "decode_attention",
+             "choose auto, pallas, absorb or naive")
         need(self.attention_chunk >= 0 and self.moe_chunk_tokens >= 0, "attention_chunk",
              "attention_chunk and moe_chunk_tokens must be >= 0 (0 = no chunking)")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
@@ -204,6 +209,7 @@ class ModelConfig:
         skip = {*RUNTIME_FIELDS, *_ROPE_FIELDS, "fp8_weight_block"}
         out = {k: v for k, v in self.to_dict().items() if k not in skip}
         out["architectures"] = [arch]
+        out["num_key_value_heads"] = self.num_attention_heads  # MLA: every head reads the shared latent
         out["rope_scaling"] = None if self.rope_type == "default" else {
             "type": "yarn", "factor": self.rope_factor,
             "original_max_position_embeddings": self.original_max_position_embeddings,

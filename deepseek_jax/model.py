@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear
-from deepseek_jax.layers.mla import MLA
+from deepseek_jax.layers.mla import MLA, LatentCache
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.moe import MoE
 from deepseek_jax.layers.norm import RMSNorm
@@ -38,15 +38,19 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: LatentCache | None = None, positions: jax.Array | None = None):
+        """h [batch, length, embed] -> (h, the layer's updated latent cache, or None without one)."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        h = h + MLA(cfg, dtype, name="attn")(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(h), cos, sin, mask)
+        attn, cache = MLA(cfg, dtype, name="attn")(RMSNorm(cfg.rms_norm_eps, name="attn_norm")(h), cos, sin, mask,
+                                                   cache, positions)
+        h = h + attn
         if self.moe:
             ffn = MoE(cfg, dtype, name="mlp")
         else:
             ffn = MLP(cfg.intermediate_size, dtype, cfg.initializer_range, name="mlp")
         h = h + ffn(RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h))
-        return nn.with_logical_constraint(h, ("batch", "length", None)), None
+        return nn.with_logical_constraint(h, ("batch", "length", None)), cache
 
 
 def block_cls(cfg: ModelConfig) -> type[Block]:
@@ -55,20 +59,30 @@ def block_cls(cfg: ModelConfig) -> type[Block]:
     return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
 
+def block_stack(cfg: ModelConfig, moe: bool, count: int) -> nn.Module:
+    """`count` blocks as one nn.scan: params and caches stacked on a leading `layers` axis."""
+    return nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=count,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, moe)
+
+
 class MTPModule(nn.Module):
     """V3 eq. 21-22: h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then one block."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+    def __call__(self, h: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: LatentCache | None = None, positions: jax.Array | None = None):
+        """-> (h^k, RMSNorm(h^k) for the shared head, the block's updated cache or None)."""
         cfg = self.cfg
         x = jnp.concatenate([RMSNorm(cfg.rms_norm_eps, name="enorm")(emb),
                              RMSNorm(cfg.rms_norm_eps, name="hnorm")(h)], axis=-1)
         x = Linear(cfg.hidden_size, (None, "embed"), dtype=jnp.dtype(cfg.dtype), init_std=cfg.initializer_range,
                    name="eh_proj")(x)
-        h, _ = block_cls(cfg)(cfg, cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(x, cos, sin, mask)
-        return h, RMSNorm(cfg.rms_norm_eps, name="norm")(h)
+        h, cache = block_cls(cfg)(cfg, cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(
+            x, cos, sin, mask, cache, positions)
+        return h, RMSNorm(cfg.rms_norm_eps, name="norm")(h), cache
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -79,15 +93,33 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal & same_doc)[:, None]
 
 
+def cache_mask(positions: jax.Array, kv_len: int) -> jax.Array:
+    """Against a cache whose slot s holds position s: [batch, 1, length, kv_len], True where s <= position."""
+    return (jnp.arange(kv_len) <= positions[:, :, None])[:, None]
+
+
 class DeepSeekV3(nn.Module):
+    """The main model and its MTP modules. `__call__` is the training forward; `decode`, `mtp_decode` and
+    `head_logits` are the pieces of cached inference (deepseek_jax.infer)."""
+
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32,
+                              embedding_init=nn.with_logical_partitioning(
+                                  nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
+        self.layers = [block_stack(cfg, moe, count) for moe, _, count in cfg.layer_segments]
+        self.norm = RMSNorm(cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                               init_std=cfg.initializer_range)
+        self.mtp = [MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers)]
+
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """tokens [batch, length] -> logits [batch, length, vocab] float32 and MTP logits
         [mtp_depth, batch, length, vocab] (module k at position i predicts t_{i+k+1}), or None."""
-        cfg = self.cfg
         chex.assert_rank(tokens, 2)
         batch, length = tokens.shape
         if positions is None:
@@ -96,35 +128,50 @@ class DeepSeekV3(nn.Module):
             segment_ids = jnp.ones((batch, length), jnp.int32)
         chex.assert_equal_shape([tokens, positions, segment_ids])
         mask = attention_mask(segment_ids)
-        cos, sin = rope_cos_sin(cfg, positions)
+        cos, sin = rope_cos_sin(self.cfg, positions)
 
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32, name="embed",
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
-        h = embed(tokens).astype(cfg.dtype)
-        for j, (moe, _, count) in enumerate(cfg.layer_segments):
-            stack = nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3, length=count,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            h, _ = stack(cfg, moe, name=f"layers_{j}")(h, cos, sin, mask)
-
-        if cfg.tie_word_embeddings:
-            def head(x):
-                return embed.attend(x.astype(jnp.float32))
-        else:
-            linear = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
-                            init_std=cfg.initializer_range, name="head")
-
-            def head(x):  # compute dtype (bf16 is V3's high precision), float32 logits
-                return linear(x).astype(jnp.float32)
-        logits = head(RMSNorm(cfg.rms_norm_eps, name="norm")(h))
+        h = self._embed(tokens)
+        for stack in self.layers:
+            h, _ = stack(h, cos, sin, mask, None, None)
+        logits = self.head_logits(self.norm(h))
 
         mtp_logits = []
-        for k in range(cfg.num_nextn_predict_layers):
+        for k, module in enumerate(self.mtp):
             ahead = jnp.roll(tokens, -(k + 1), axis=1)  # t_{i+k+1}; wrapped tail positions are masked in the loss
-            h, h_norm = MTPModule(cfg, name=f"mtp_{k}")(h, embed(ahead).astype(cfg.dtype), cos, sin, mask)
-            mtp_logits.append(head(h_norm))
+            h, h_norm, _ = module(h, self._embed(ahead), cos, sin, mask)
+            mtp_logits.append(self.head_logits(h_norm))
         return logits, (jnp.stack(mtp_logits) if mtp_logits else None)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, caches: tuple[LatentCache, ...],
+               kv_len: int) -> tuple[jax.Array, tuple[LatentCache, ...]]:
+        """New tokens [batch, length] at `positions` against the per-run latent caches (their first kv_len
+        slots) -> last hidden states [batch, length, embed] (before the final norm) and the updated caches."""
+        mask, (cos, sin) = cache_mask(positions, kv_len), rope_cos_sin(self.cfg, positions)
+        h, new = self._embed(tokens), []
+        for stack, cache in zip(self.layers, caches, strict=True):
+            h, cache = stack(h, cos, sin, mask, cache, positions)
+            new.append(cache)
+        return h, tuple(new)
+
+    def mtp_decode(self, k: int, h: jax.Array, ahead: jax.Array, positions: jax.Array, cache: LatentCache,
+                   kv_len: int) -> tuple[jax.Array, jax.Array, LatentCache]:
+        """MTP module k on h^{k-1} [batch, length, embed] and the tokens one further ahead [batch, length]
+        -> (h^k, its normed form for head_logits, the module's updated cache)."""
+        mask, (cos, sin) = cache_mask(positions, kv_len), rope_cos_sin(self.cfg, positions)
+        return self.mtp[k](h, self._embed(ahead), cos, sin, mask, cache, positions)
+
+    def final_logits(self, h: jax.Array) -> jax.Array:
+        """The main model's head on last hidden states: float32 logits."""
+        return self.head_logits(self.norm(h))
+
+    def head_logits(self, x: jax.Array) -> jax.Array:
+        """The output head shared by the main model and the MTP modules (compute dtype, float32 logits)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed.attend(x.astype(jnp.float32))
+        return self.head(x).astype(jnp.float32)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens).astype(self.cfg.dtype)
 
 
 class ModelOutput(NamedTuple):

@@ -19,8 +19,8 @@ def test_absorbed_equals_naive(q_lora_rank):
     cos, sin = rope_cos_sin(cfg, pos)
     mask = attention_mask(jnp.ones((2, 10), jnp.int32))
     params = MLA(cfg).init(jax.random.key(1), x, cos, sin, mask)
-    naive = MLA(cfg).apply(params, x, cos, sin, mask)
-    absorbed = MLA(cfg, absorb=True).apply(params, x, cos, sin, mask)
+    naive, _ = MLA(cfg).apply(params, x, cos, sin, mask)
+    absorbed, _ = MLA(cfg, absorb=True).apply(params, x, cos, sin, mask)
     np.testing.assert_allclose(absorbed, naive, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(naive).max()) > 1e-2
 
@@ -35,7 +35,7 @@ def test_attention_matches_numpy_softmax(chunk):
     p = jax.tree_util.tree_map(np.asarray, variables["params"])
     p = {k: (v["kernel"].value if isinstance(v, dict) and "kernel" in v else getattr(v, "value", v))
          for k, v in p.items()}
-    out = np.asarray(MLA(cfg).apply(variables, x, cos, sin, mask))[0]
+    out = np.asarray(MLA(cfg).apply(variables, x, cos, sin, mask)[0])[0]
 
     def rms(v):
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + 1e-6)

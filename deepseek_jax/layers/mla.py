@@ -8,9 +8,15 @@ Two equivalent forms sit side by side:
   naive:  decompress k_C and v for every cached token, then attend per head;
   absorb: q_C^T (W_UK c) = (W_UK^T q_C)^T c, so attention runs in the kv_lora_rank latent space
           and W_UV is applied after the weighted sum. Decoding caches only [c_KV; k_R].
+
+With a LatentCache, the new tokens' [c_KV; k_R] are stored at their positions and attention runs over
+the cache: naive for a prefill (compute-bound), absorbed for decoding (memory-bound), where
+`decode_attention` picks the Pallas kernel (kernels_pallas.mla_decode) or the jnp form.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,6 +27,27 @@ from deepseek_jax.fp8 import stored_weight
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
+
+
+class LatentCache(NamedTuple):
+    """MLA's whole per-token cache (V2 eq. 10-14): c_KV [..., batch, max_len, kv_lora_rank], normalized, and
+    the roped shared key k_R [..., batch, max_len, qk_rope_head_dim]. Slot s holds position s."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+
+    def write(self, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
+        """Store new entries [batch, length, dim] at slots `positions` [batch, length]; slots past max_len drop."""
+        rows = jnp.arange(positions.shape[0])[:, None]
+        return LatentCache(self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+                           self.k_rope.at[rows, positions].set(k_rope.astype(self.k_rope.dtype), mode="drop"))
+
+
+def decode_form(choice: str) -> str:
+    """`decode_attention` resolved: auto is the Pallas kernel on GPU/TPU and the jnp absorbed form on CPU."""
+    if choice == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "absorb"
+    return choice
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -62,8 +89,13 @@ class MLA(nn.Module):
     absorb: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [batch, length, embed]; cos/sin [batch, length, rope/2]; mask [batch, 1, length, length]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: LatentCache | None = None, positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, LatentCache | None]:
+        """x [batch, length, embed]; cos/sin [batch, length, rope/2]; mask [batch, 1, length, keys], True = keep.
+
+        Without a cache the keys are x's own tokens. With one, x's entries are written at `positions`
+        [batch, length] and the keys are the cache's first mask.shape[-1] slots. Returns (out, cache)."""
         cfg = self.cfg
         heads, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(dtype=self.dtype, init_std=cfg.initializer_range)
@@ -87,12 +119,23 @@ class MLA(nn.Module):
         w_uk, w_uv = wkv_b[..., :nope], wkv_b[..., nope:]
 
         scale, chunk = cfg.softmax_scale, cfg.attention_chunk
-        if self.absorb:  # attend in the latent space: keys and values are c_KV itself
+        form = "absorb" if self.absorb else "naive"
+        if cache is not None:
+            cache = cache.write(c_kv, k_rope, positions)
+            kv_len = mask.shape[-1]
+            c_kv, k_rope = cache.c_kv[:, :kv_len].astype(self.dtype), cache.k_rope[:, :kv_len].astype(self.dtype)
+            form = "naive" if kv_len == x.shape[1] else decode_form(cfg.decode_attention)
+        if form in ("absorb", "pallas"):  # attend in the latent space: keys and values are c_KV itself
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
-            out_latent = attend((q_latent, q_rope), (c_kv, k_rope), c_kv, mask, scale, chunk)
+            if form == "pallas":  # the T new tokens are each row's last: lengths = last position + 1
+                from kernels_pallas.mla_decode import mla_decode
+
+                out_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, positions[:, -1] + 1, scale)
+            else:
+                out_latent = attend((q_latent, q_rope), (c_kv, k_rope), c_kv, mask, scale, chunk)
             out = jnp.einsum("bthc,chd->bthd", out_latent, w_uv)
         else:
             k_nope = jnp.einsum("bsc,chd->bshd", c_kv, w_uk)
             v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             out = attend((q_nope, q_rope), (k_nope, k_rope), v, mask, scale, chunk)
-        return Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)(out)
+        return Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)(out), cache

@@ -7,11 +7,15 @@ error naming the step and directory; a run never silently starts over.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+
+from deepseek_jax.config import ModelConfig
 
 
 class CheckpointError(RuntimeError):
@@ -72,3 +76,60 @@ def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with the shardings of `tree`, the restore target for orbax."""
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def is_run(path: str) -> bool:
+    """A training workdir: config.json from launch.train beside a checkpoints/ directory."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def run_model_config(workdir: str) -> ModelConfig:
+    """The ModelConfig of a training run, from the `model` section of its config.json."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            model = json.load(f)["model"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is not the config.json of a launch.train run ({e}); point at a training "
+                              "workdir, or use --hf_dir for a HuggingFace checkpoint") from e
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
+
+
+def restore_params(directory: str, like: Any, step: int | None = None) -> tuple[int, Any]:
+    """Only the params of a training checkpoint (not the optimizer state), placed like `like` (arrays or
+    ShapeDtypeStructs with shardings). A checkpoint of another shape is a CheckpointError naming the step."""
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {os.path.abspath(directory)}: train first (python -m launch.train "
+                              "--workdir=...), or wait for its first checkpoint_every steps")
+    item = {"params": abstract_like(like)}
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    except Exception as e:  # orbax raises many kinds; all mean the same to the user
+        raise CheckpointError(
+            f"cannot restore the params of step {step} in {os.path.abspath(directory)} ({type(e).__name__}: "
+            f"{str(e)[:500]}); the checkpoint may be corrupt, or not match its run's config.json") from e
+    finally:
+        manager.close()
+    return step, out.state["params"]
+
+
+def load_run(workdir: str, step: int | None = None, shardings: Any = None) -> tuple[ModelConfig, Any, int]:
+    """(model config, float32 params, step) of a training run's latest (or given) checkpoint; params on the
+    default device, or in `shardings` (a pytree like the params)."""
+    from deepseek_jax.model import abstract_params
+
+    workdir = os.path.abspath(workdir)
+    if not is_run(workdir):
+        raise CheckpointError(f"{workdir} is not a training workdir (it needs config.json and checkpoints/ "
+                              "from python -m launch.train)")
+    cfg = run_model_config(workdir)
+    like = nn.meta.unbox(abstract_params(cfg))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, like)
+    like = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    step, params = restore_params(os.path.join(workdir, "checkpoints"), like, step)
+    return cfg, params, step

@@ -1,7 +1,7 @@
 """Convert between HuggingFace DeepSeek checkpoints and orbax param checkpoints.
 
   python -m launch.convert_hf --hf_dir=HF_DIR --out=DIR        # writes DIR/config.json + DIR/params (orbax)
-  python -m launch.convert_hf --to_hf --params=DIR --out=HF_DIR [--fp8]
+  python -m launch.convert_hf --to_hf --params=DIR --out=HF_DIR [--fp8]      # DIR: an import, or a training run
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 import deepseek_jax as dsj
+from deepseek_jax.checkpoint import CheckpointError, is_run, load_run
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -22,7 +24,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf_dir", help="HF checkpoint directory (config.json + *.safetensors) to import")
-    ap.add_argument("--params", help="with --to_hf: a directory written by the import (config.json + params/)")
+    ap.add_argument("--params", help="with --to_hf: a training workdir (its latest checkpoint), or a directory "
+                                     "written by the import (config.json + params/)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--to_hf", action="store_true", help="export orbax params to HF safetensors")
     ap.add_argument("--fp8", action="store_true", help="with --to_hf: E4M3 weights + 128x128 weight_scale_inv")
@@ -34,8 +37,18 @@ def main(argv: list[str] | None = None) -> None:
         if not args.params:
             ap.error("--to_hf needs --params")
         src = os.path.abspath(args.params)
-        cfg = dsj.ModelConfig.from_hf(os.path.join(src, "config.json"))
-        params = ocp.StandardCheckpointer().restore(os.path.join(src, "params"))
+        if is_run(src):
+            try:
+                cfg, params, step = load_run(src)
+            except CheckpointError as e:
+                sys.exit(f"error: {e}")
+            print(f"exporting step {step} of {src}")
+        elif os.path.isdir(os.path.join(src, "params")):
+            cfg = dsj.ModelConfig.from_hf(os.path.join(src, "config.json"))
+            params = ocp.StandardCheckpointer().restore(os.path.join(src, "params"))
+        else:
+            sys.exit(f"error: --params={src} is neither a training workdir (config.json + checkpoints/) nor an "
+                     "import (config.json + params/)")
         dsj.export_hf_checkpoint(cfg, params, out, dtype=DTYPES[args.dtype], fp8_weights=args.fp8)
     else:
         if not args.hf_dir:

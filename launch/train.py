@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from configs import DEFAULT_CONFIG, validate
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like, is_run, restore_params
 from deepseek_jax.config import ConfigError
 from deepseek_jax.data import load_or_train_tokenizer, make_iterator
 from deepseek_jax.metrics import MetricsWriter, flops_per_token, mfu, peak_flops, read_metrics
@@ -49,6 +48,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
     tokenizer = load_or_train_tokenizer(config.data.tokenizer or None, cfg.vocab_size)
+    if jax.process_index() == 0:  # the run carries its tokenizer, for launch.generate
+        tokenizer.save(os.path.join(workdir, "tokenizer.model"))
     data = functools.partial(make_iterator, config.data.source, tokenizer, seq_len=config.data.seq_len,
                              global_batch_size=config.data.batch_size, seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
@@ -145,19 +146,12 @@ def evaluate(eval_jit, params: Any, iterator, n_batches: int, batch_sh) -> float
 def load_params(path: str, like: Any) -> Any:
     """Params from a training workdir (its latest checkpoint) or an orbax params directory."""
     path = os.path.abspath(path)
-    target = abstract_like(like)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        ckpt = Checkpointer(os.path.join(path, "checkpoints"))
-        step = ckpt.latest_step()
-        if step is None:
-            raise CheckpointError(f"init_from={path} has no checkpoint")
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-        return jax.tree_util.tree_map(lambda t, x: jax.device_put(np.asarray(x), t.sharding), target,
-                                      restored.state["params"])
+    if is_run(path):
+        return restore_params(os.path.join(path, "checkpoints"), like)[1]
     params_dir = os.path.join(path, "params") if os.path.isdir(os.path.join(path, "params")) else path
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"init_from={path} does not exist")
-    return ocp.StandardCheckpointer().restore(params_dir, target)
+    return ocp.StandardCheckpointer().restore(params_dir, abstract_like(like))
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:

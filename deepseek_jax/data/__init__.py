@@ -2,9 +2,10 @@
 
 from deepseek_jax.data.corpus import default_documents
 from deepseek_jax.data.errors import DataError
+from deepseek_jax.data.hf_tokenizer import HFTokenizer, StreamDecoder
 from deepseek_jax.data.pipeline import DataIterator, make_iterator
 from deepseek_jax.data.sources import DataStats, source_documents
-from deepseek_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer
+from deepseek_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer, run_tokenizer
 
-__all__ = ["DataError", "DataIterator", "DataStats", "Tokenizer", "default_documents", "load_or_train_tokenizer",
-           "load_tokenizer", "make_iterator", "source_documents"]
+__all__ = ["DataError", "DataIterator", "DataStats", "HFTokenizer", "StreamDecoder", "Tokenizer", "default_documents",
+           "load_or_train_tokenizer", "load_tokenizer", "make_iterator", "run_tokenizer", "source_documents"]

@@ -67,6 +67,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def save(self, path: str) -> None:
+        """Write the model file (atomically), e.g. into a run's workdir."""
+        _atomic_write(path, self._proto)
+
     def __reduce__(self):
         return Tokenizer, (self._proto, self.path)
 
@@ -96,6 +100,17 @@ def load_tokenizer(model_path: str, vocab_size: int | None = None) -> Tokenizer:
         raise DataError(f"tokenizer {model_path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
                         f"set model.vocab_size={tok.vocab_size}")
     return tok
+
+
+def run_tokenizer(workdir: str) -> Tokenizer:
+    """The sentencepiece model of a launch.train run: the tokenizer.model it saved in its workdir, else (runs
+    from before it did) its data.tokenizer, else the same one trained again on the default corpus."""
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(path):
+        return load_tokenizer(path)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    return load_or_train_tokenizer(config["data"].get("tokenizer") or None, config["model"]["vocab_size"])
 
 
 def load_or_train_tokenizer(model_path: str | None, vocab_size: int,

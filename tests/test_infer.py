@@ -79,13 +79,15 @@ def test_greedy_equals_transformers_generate(name):
 
 def decode_two(cfg, params, form):
     """Prefill ragged prompts, then decode two new tokens per row against the cache."""
-    m = DeepSeekV3(cfg.replace(decode_attention=form))
+    m = DeepSeekV3(cfg.replace(decode_attention="naive" if form == "heads" else form))
     prompts = prompts_for(cfg, 3, 9)
+    layout = "heads" if form == "heads" else "latent"
 
     @jax.jit
     def run(params, prompts):
         pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
-        _, caches = m.apply({"params": params}, prompts, pos, init_cache(cfg, 3, 40).layers, 9, method=m.decode)
+        cache = init_cache(cfg, 3, 40, layout=layout).layers
+        _, caches = m.apply({"params": params}, prompts, pos, cache, 9, method=m.decode)
         new_pos = jnp.array([9, 4, 6])[:, None] + jnp.arange(2)
         h, _ = m.apply({"params": params}, jnp.array([[3, 4], [5, 6], [7, 8]]), new_pos, caches, 40,
                        method=m.decode)
@@ -94,10 +96,10 @@ def decode_two(cfg, params, form):
     return np.asarray(run(params, prompts)), prompts
 
 
-@pytest.mark.parametrize("form", ["absorb", "pallas"])
+@pytest.mark.parametrize("form", ["absorb", "pallas", "heads"])
 def test_absorbed_decode_equals_naive_and_full_forward(model, form):
-    """Latent-space attention (jnp, or the Pallas kernel in interpret mode) equals decompressed per-head K/V,
-    and both equal a full forward pass over prompt + new tokens."""
+    """Latent-space attention (jnp, or the Pallas kernel in interpret mode) equals decompressing the latent cache
+    per head, and MHA's per-head K/V cache; all equal a full forward pass over prompt + new tokens."""
     cfg, params = model
     naive, prompts = decode_two(cfg, params, "naive")
     out, _ = decode_two(cfg, params, form)

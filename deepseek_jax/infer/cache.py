@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers.mla import LatentCache
+from deepseek_jax.layers.mla import HeadCache, LatentCache
 
 
 class Cache(NamedTuple):
-    layers: tuple[LatentCache, ...]  # one per run of same-kind layers, stacked: [count, batch, max_len, dim]
-    mtp: tuple[LatentCache, ...]  # one per MTP module: [batch, max_len, dim]
+    layers: tuple[LatentCache | HeadCache, ...]  # one per run of same-kind layers, stacked: [count, batch, ...]
+    mtp: tuple[LatentCache | HeadCache, ...]  # one per MTP module: [batch, max_len, ...]
     lengths: jax.Array  # [batch] int32: slots of the main model's cache in use
 
     @property
@@ -28,12 +28,18 @@ class Cache(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | str | None = None,
-               mtp: bool = True) -> Cache:
+               mtp: bool = True, layout: str = "latent") -> Cache:
     """An empty cache for `batch` rows of up to `max_len` tokens, in `dtype` (default: the compute dtype).
-    mtp=False leaves out the MTP modules' caches (needed only for speculative decoding)."""
+    mtp=False leaves out the MTP modules' caches (needed only for speculative decoding). layout="heads" keeps
+    decompressed per-head K/V instead, as MHA would (a baseline for benchmarks)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
+    if layout not in ("latent", "heads"):
+        raise ValueError(f"cache layout {layout!r}: choose latent or heads")
 
-    def latent(*lead: int) -> LatentCache:
+    def latent(*lead: int) -> LatentCache | HeadCache:
+        if layout == "heads":
+            heads = (*lead, batch, max_len, cfg.num_attention_heads)
+            return HeadCache(jnp.zeros((*heads, cfg.qk_head_dim), dtype), jnp.zeros((*heads, cfg.v_head_dim), dtype))
         return LatentCache(jnp.zeros((*lead, batch, max_len, cfg.kv_lora_rank), dtype),
                            jnp.zeros((*lead, batch, max_len, cfg.qk_rope_head_dim), dtype))
 
@@ -42,22 +48,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | st
                  lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype | str = jnp.bfloat16, mtp: bool = True) -> int:
+def cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype | str = jnp.bfloat16, mtp: bool = True,
+                          layout: str = "latent") -> int:
     """Bytes init_cache holds per token of one row (MTP modules included unless mtp=False)."""
-    shapes = jax.eval_shape(lambda: init_cache(cfg, 1, 1, dtype, mtp))
+    shapes = jax.eval_shape(lambda: init_cache(cfg, 1, 1, dtype, mtp, layout))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves((shapes.layers, shapes.mtp)))
 
 
 def mha_cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype | str = jnp.bfloat16) -> int:
-    """What standard MHA with the same heads would cache: per layer, per head, a key and a value."""
-    per_head = cfg.qk_head_dim + cfg.v_head_dim
-    return cfg.num_hidden_layers * cfg.num_attention_heads * per_head * jnp.dtype(dtype).itemsize
+    """What standard MHA with the same heads caches (layout="heads", main model): per layer and head a key and
+    a value, 2 n_h d_h with d_h the mean of qk_head_dim and v_head_dim."""
+    return cache_bytes_per_token(cfg, dtype, mtp=False, layout="heads")
 
 
 def constrain(cache: Cache) -> Cache:
     """Rows over the mesh's batch axes (a no-op outside a mesh and logical-axis rules)."""
-    def rows(x: jax.Array) -> jax.Array:
-        names = ("layers",) * (x.ndim - 3) + ("batch", "length", None)
-        return nn.with_logical_constraint(x, names[-x.ndim:] if x.ndim >= 3 else ("batch",))
+    def rows(x: jax.Array, lead: int) -> jax.Array:
+        return nn.with_logical_constraint(x, ("layers",) * lead + ("batch",) + (None,) * (x.ndim - lead - 1))
 
-    return jax.tree_util.tree_map(rows, cache)
+    return Cache(tuple(type(c)(*(rows(x, 1) for x in c)) for c in cache.layers),
+                 tuple(type(c)(*(rows(x, 0) for x in c)) for c in cache.mtp), rows(cache.lengths, 0))

@@ -31,6 +31,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.cache import Cache, constrain, init_cache
 from deepseek_jax.infer.sampling import Sampling, draw, probabilities, speculative_accept
 from deepseek_jax.layers.ep import BATCH_AXES
+from deepseek_jax.layers.mla import decode_form
 from deepseek_jax.model import DeepSeekV3
 
 
@@ -45,6 +46,7 @@ class Settings:
     speculative: bool = False
     eos_id: int | None = None
     cache_dtype: str | None = None
+    cache_layout: str = "latent"
     pad_id: int = 0
 
     @property
@@ -129,7 +131,7 @@ def _draft(params: Any, state: DecodeState, h: jax.Array, positions: jax.Array, 
 def prefill(params: Any, prompts: jax.Array, lengths: jax.Array, key: jax.Array, s: Settings) -> DecodeState:
     """Fill the cache with the prompts and draw each row's first token (and the first drafts)."""
     cfg, (batch, plen) = s.cfg, prompts.shape
-    cache = constrain(init_cache(cfg, batch, s.max_len, s.cache_dtype, mtp=s.speculative))
+    cache = constrain(init_cache(cfg, batch, s.max_len, s.cache_dtype, s.speculative, s.cache_layout))
     positions = jnp.broadcast_to(jnp.arange(plen), (batch, plen))
     h, layers = _apply(s, params, DeepSeekV3.decode, prompts, positions, cache.layers, plen)
     rows, newest = jnp.arange(batch), lengths - 1
@@ -197,10 +199,12 @@ def _completion(state: DecodeState, prompts: np.ndarray, rows: int, s: Settings)
                       steps=int(g["steps"]), drafted=int(g["drafted"]), accepted=int(g["accepted"]))
 
 
-def _prepare(cfg: ModelConfig, prompts: Any, lengths: Any, max_new_tokens: int, max_len: int | None,
-             rng: jax.Array | None, sampling: Sampling, speculative: bool, eos_id: int | None,
-             cache_dtype: str | None, pad_id: int) -> tuple[Settings, np.ndarray, jax.Array, jax.Array, jax.Array]:
-    """Check the inputs; pad the batch to a multiple of the mesh's batch axes (dropped again at the end)."""
+def _prepare(cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: float, top_p: float,
+             rng: jax.Array | None, speculative: bool, *, top_k: int = 0, eos_id: int | None = None,
+             lengths: Any = None, max_len: int | None = None, cache_dtype: str | None = None,
+             cache_layout: str = "latent", pad_id: int = 0) -> tuple[Settings, np.ndarray, jax.Array, jax.Array]:
+    """Check the request and settle its Settings; pad the batch to a multiple of the mesh's batch axes (the
+    extra rows are dropped again at the end). Returns (settings, prompts, padded prompts, padded lengths)."""
     prompts = np.asarray(prompts)
     if prompts.ndim != 2 or prompts.shape[1] == 0 or not np.issubdtype(prompts.dtype, np.integer):
         raise ValueError(f"prompts must be integer token ids [batch, length >= 1], got {prompts.dtype} "
@@ -222,30 +226,29 @@ def _prepare(cfg: ModelConfig, prompts: Any, lengths: Any, max_new_tokens: int, 
     if needed > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {plen} + max_new_tokens {max_new_tokens} = {needed} exceeds the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or generate less")
-    depth = cfg.num_nextn_predict_layers if speculative else 0
     if max_len is not None and max_len < needed:
         raise ValueError(f"the cache holds max_len={max_len} tokens per row, but the prompt ({plen}) and "
                          f"max_new_tokens ({max_new_tokens}) need {needed}; raise max_len or shorten the prompt")
-    settings = Settings(cfg, max_new_tokens, (max_len or needed) + depth, sampling, speculative, eos_id,
-                        cache_dtype, pad_id)
+    slots = (max_len or needed) + (cfg.num_nextn_predict_layers if speculative else 0)  # room for the drafts
+    if decode_form(cfg.decode_attention) == "pallas":
+        slots = -(-slots // 512) * 512  # whole kernel blocks: the kernel would otherwise pad (copy) the cache
+    settings = Settings(cfg, max_new_tokens, slots, Sampling(temperature, top_k, top_p), speculative, eos_id,
+                        cache_dtype, cache_layout, pad_id)
     mesh = jax.sharding.get_abstract_mesh()
     multiple = 1 if mesh.empty else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
     extra = -batch % multiple
     padded = np.pad(prompts.astype(np.int32), ((0, extra), (0, 0)), constant_values=pad_id)
-    key = jax.random.key(0) if rng is None else rng
-    return settings, prompts, jnp.asarray(padded), jnp.asarray(np.pad(lengths, (0, extra), constant_values=1)), key
+    return settings, prompts, jnp.asarray(padded), jnp.asarray(np.pad(lengths, (0, extra), constant_values=1))
 
 
 def stream(cfg: ModelConfig, params: Any, prompts: Any, max_new_tokens: int = 64, temperature: float = 0.0,
-           top_p: float = 1.0, rng: jax.Array | None = None, speculative: bool = False, *, top_k: int = 0,
-           eos_id: int | None = None, lengths: Any = None, max_len: int | None = None,
-           cache_dtype: str | None = None, pad_id: int = 0, chunk: int = 8) -> Iterator[Completion]:
+           top_p: float = 1.0, rng: jax.Array | None = None, speculative: bool = False, *, chunk: int = 8,
+           **options: Any) -> Iterator[Completion]:
     """Generate `chunk` decode steps at a time, yielding the Completion so far after the prefill and after
-    each chunk (the last one is final). Arguments as for `complete`."""
-    s, prompts, tokens, lens, key = _prepare(cfg, prompts, lengths, max_new_tokens, max_len, rng,
-                                             Sampling(temperature, top_k, top_p), speculative, eos_id,
-                                             cache_dtype, pad_id)
-    state = _prefill(params, tokens, lens, key, s)
+    each chunk (the last one is final). Arguments and options as for `complete`."""
+    s, prompts, tokens, lengths = _prepare(cfg, prompts, max_new_tokens, temperature, top_p, rng, speculative,
+                                           **options)
+    state = _prefill(params, tokens, lengths, _key(rng), s)
     while True:
         result = _completion(state, prompts, prompts.shape[0], s)
         yield result
@@ -255,24 +258,25 @@ def stream(cfg: ModelConfig, params: Any, prompts: Any, max_new_tokens: int = 64
 
 
 def complete(cfg: ModelConfig, params: Any, prompts: Any, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, rng: jax.Array | None = None, speculative: bool = False, *, top_k: int = 0,
-             eos_id: int | None = None, lengths: Any = None, max_len: int | None = None,
-             cache_dtype: str | None = None, pad_id: int = 0) -> Completion:
+             top_p: float = 1.0, rng: jax.Array | None = None, speculative: bool = False, **options: Any
+             ) -> Completion:
     """Generate up to max_new_tokens per row in one compiled program.
 
-    prompts [batch, P] int, right-padded, with each row's length in `lengths` (default P). Greedy at
-    temperature 0; otherwise temperature, then top_k (0 = off), then top_p, drawn from `rng` (default
-    jax.random.key(0)), so a given key reproduces its samples. Rows stop at `eos_id` (kept) or
-    max_new_tokens. speculative=True drafts with the MTP modules and verifies in one forward: the same
-    tokens greedily, the same distribution when sampling. The cache holds max_len tokens per row (default:
-    just enough) in cache_dtype (default: the compute dtype). Under a mesh (jax.set_mesh and the
-    logical-axis rules), rows are split over its batch axes.
+    prompts [batch, P] int, right-padded. Greedy at temperature 0; otherwise temperature, then top_k, then
+    top_p, drawn from `rng` (default jax.random.key(0)), so a key reproduces its samples. speculative=True
+    drafts with the MTP modules and verifies in one forward: the same tokens greedily, the same distribution
+    when sampling. Under a mesh (jax.set_mesh and the logical-axis rules) rows are split over its batch axes.
+    Options: top_k (0 = off); eos_id (rows stop after emitting it); lengths [batch] (each row's prompt length,
+    default P); max_len (cache slots per row, default just enough); cache_dtype (default the compute dtype);
+    cache_layout ("latent", or "heads" for MHA's per-head K/V, a baseline); pad_id (fills rows after they end).
     """
-    s, prompts, tokens, lens, key = _prepare(cfg, prompts, lengths, max_new_tokens, max_len, rng,
-                                             Sampling(temperature, top_k, top_p), speculative, eos_id,
-                                             cache_dtype, pad_id)
-    state = _complete(params, tokens, lens, key, s)
-    return _completion(state, prompts, prompts.shape[0], s)
+    s, prompts, tokens, lengths = _prepare(cfg, prompts, max_new_tokens, temperature, top_p, rng, speculative,
+                                           **options)
+    return _completion(_complete(params, tokens, lengths, _key(rng), s), prompts, prompts.shape[0], s)
+
+
+def _key(rng: jax.Array | None) -> jax.Array:
+    return jax.random.key(0) if rng is None else rng
 
 
 @functools.partial(jax.jit, static_argnames="s")
@@ -283,5 +287,5 @@ def _complete(params: Any, prompts: jax.Array, lengths: jax.Array, key: jax.Arra
 def generate(cfg: ModelConfig, params: Any, prompts: Any, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None, speculative: bool = False, **kw: Any) -> np.ndarray:
     """prompts [batch, P] -> tokens [batch, P + max_new_tokens]: the prompts, then the new tokens (pad after a
-    row's EOS). Keyword arguments (top_k, eos_id, lengths, max_len, cache_dtype, pad_id) as for `complete`."""
+    row's end). Options (top_k, eos_id, lengths, max_len, ...) as for `complete`."""
     return complete(cfg, params, prompts, max_new_tokens, temperature, top_p, rng, speculative, **kw).tokens

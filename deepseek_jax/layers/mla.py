@@ -36,11 +36,20 @@ class LatentCache(NamedTuple):
     c_kv: jax.Array
     k_rope: jax.Array
 
-    def write(self, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
-        """Store new entries [batch, length, dim] at slots `positions` [batch, length]; slots past max_len drop."""
-        rows = jnp.arange(positions.shape[0])[:, None]
-        return LatentCache(self.c_kv.at[rows, positions].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
-                           self.k_rope.at[rows, positions].set(k_rope.astype(self.k_rope.dtype), mode="drop"))
+
+class HeadCache(NamedTuple):
+    """What MHA would cache instead, kept to measure the difference: per-head keys k [..., batch, max_len, heads,
+    qk_head_dim] and values v [..., heads, v_head_dim], each token's decompressed once."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def store(cache: LatentCache | HeadCache, new: tuple[jax.Array, ...], positions: jax.Array):
+    """Write new entries [batch, length, ...] at slots `positions` [batch, length]; slots past max_len drop."""
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return type(cache)(*(c.at[rows, positions].set(n.astype(c.dtype), mode="drop") for c, n in zip(cache, new,
+                                                                                                     strict=True)))
 
 
 def decode_form(choice: str) -> str:
@@ -90,8 +99,8 @@ class MLA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: LatentCache | None = None, positions: jax.Array | None = None
-                 ) -> tuple[jax.Array, LatentCache | None]:
+                 cache: LatentCache | HeadCache | None = None, positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, LatentCache | HeadCache | None]:
         """x [batch, length, embed]; cos/sin [batch, length, rope/2]; mask [batch, 1, length, keys], True = keep.
 
         Without a cache the keys are x's own tokens. With one, x's entries are written at `positions`
@@ -117,14 +126,20 @@ class MLA(nn.Module):
             (cfg.kv_lora_rank, heads, nope + dv), jnp.float32)
         wkv_b = stored_weight(self, "wkv_b", wkv_b).astype(self.dtype)
         w_uk, w_uv = wkv_b[..., :nope], wkv_b[..., nope:]
+        out_proj = Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)
 
         scale, chunk = cfg.softmax_scale, cfg.attention_chunk
+        if isinstance(cache, HeadCache):  # MHA's cache: each new token's K/V decompressed once, stored per head
+            k_nope, v = jnp.einsum("bsc,chd->bshd", c_kv, w_uk), jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:-1], rope))], -1)
+            cache = store(cache, (k, v), positions)
+            k, v = (c[:, :mask.shape[-1]].astype(self.dtype) for c in cache)
+            return out_proj(attend((jnp.concatenate([q_nope, q_rope], -1),), (k,), v, mask, scale, chunk)), cache
         form = "absorb" if self.absorb else "naive"
         if cache is not None:
-            cache = cache.write(c_kv, k_rope, positions)
-            kv_len = mask.shape[-1]
-            c_kv, k_rope = cache.c_kv[:, :kv_len].astype(self.dtype), cache.k_rope[:, :kv_len].astype(self.dtype)
-            form = "naive" if kv_len == x.shape[1] else decode_form(cfg.decode_attention)
+            cache = store(cache, (c_kv, k_rope), positions)
+            c_kv, k_rope = (c[:, :mask.shape[-1]].astype(self.dtype) for c in cache)
+            form = "naive" if mask.shape[-1] == x.shape[1] else decode_form(cfg.decode_attention)
         if form in ("absorb", "pallas"):  # attend in the latent space: keys and values are c_KV itself
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
             if form == "pallas":  # the T new tokens are each row's last: lengths = last position + 1
@@ -138,4 +153,4 @@ class MLA(nn.Module):
             k_nope = jnp.einsum("bsc,chd->bshd", c_kv, w_uk)
             v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             out = attend((q_nope, q_rope), (k_nope, k_rope), v, mask, scale, chunk)
-        return Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)(out), cache
+        return out_proj(out), cache

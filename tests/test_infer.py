@@ -185,7 +185,7 @@ def test_the_distribution_test_detects_accepting_every_draft(small_vocab, monkey
     cfg, params = small_vocab
     sampling = Sampling(temperature=1.3, top_k=7, top_p=0.95)
 
-    def accept_all(p, q, drafts, key):
+    def accept_all(p, q, drafts, key, greedy=False):
         depth = drafts.shape[1]
         return jnp.full(drafts.shape[:1], depth, jnp.int32), engine.draw(p[:, depth], key)
 
@@ -218,6 +218,21 @@ def test_probabilities_match_numpy_warping():
     greedy = np.asarray(dsj.infer.probabilities(logits, Sampling()))
     np.testing.assert_array_equal(greedy.argmax(-1), np.asarray(logits).argmax(-1))
     assert (greedy.max(-1) == 1).all()
+
+
+def test_greedy_shortcut_is_the_rule_on_one_hot_distributions():
+    """With one-hot p and q the rule (u * q(x) < p(x), residual max(0, p - q)) is deterministic: accept while the
+    draft is p's argmax, then p's argmax. The greedy shortcut must give exactly that."""
+    logits = jax.random.normal(jax.random.key(0), (64, 3, 5))
+    p = dsj.infer.probabilities(logits, Sampling())
+    drafts = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.7, (64, 2)), jnp.argmax(logits[:, :2], -1),
+                       jax.random.randint(jax.random.key(2), (64, 2), 0, 5))
+    q = jax.nn.one_hot(drafts, 5)
+    rule = dsj.infer.speculative_accept(p, q, drafts, jax.random.key(3))
+    shortcut = dsj.infer.speculative_accept(p, q, drafts, jax.random.key(3), greedy=True)
+    for a, b in zip(rule, shortcut, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert set(np.asarray(rule[0]).tolist()) == {0, 1, 2}
 
 
 def test_sampling_is_reproducible_from_its_key(model):

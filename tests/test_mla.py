@@ -25,7 +25,7 @@ def test_absorbed_equals_naive(q_lora_rank):
     assert float(jnp.abs(naive).max()) > 1e-2
 
 
-@pytest.mark.parametrize("chunk", [0, 2, 3])
+@pytest.mark.parametrize("chunk", [0, 2, 3, 4])
 def test_attention_matches_numpy_softmax(chunk):
     cfg = tiny_config(num_attention_heads=2, attention_chunk=chunk)
     x = jax.random.normal(jax.random.key(2), (1, 6, cfg.hidden_size))

@@ -16,3 +16,16 @@ def test_train_tiny_notebook_runs(tmp_path, monkeypatch):
     assert "DeepSeek-V3 671B: MLA    70,272 B/token   MHA   4,997,120 B/token   98.6% smaller" in text
     first, last = (float(x) for x in text.split("loss ")[1].split(",")[0].split(" -> "))
     assert last < first - 1.0
+
+
+def test_inference_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("DSJ_RUN", raising=False)
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "02_inference_mla_mtp.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "v3_671b: MLA    70,272 B/token   MHA   4,997,120 B/token   98.6% smaller" in text
+    assert "same tokens: True" in text
+    rate = float(text.split("acceptance rate ")[1].split("%")[0])
+    assert rate > 20.0, rate  # the trained MTP module's drafts are often right
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))

@@ -119,7 +119,7 @@ def _draft(params: Any, state: DecodeState, h: jax.Array, positions: jax.Array, 
         h, h_norm, cache = _apply(s, params, DeepSeekV3.mtp_decode, k, h, ahead, positions, state.cache.mtp[k],
                                   kv_len)
         q = probabilities(_apply(s, params, DeepSeekV3.head_logits, h_norm[rows, index]), s.sampling)
-        d = draw(q, jax.random.fold_in(key, k))
+        d = draw(q, jax.random.fold_in(key, k), s.sampling.greedy)
         ahead = jnp.roll(ahead, -1, axis=1).at[rows, index].set(d)  # module k+1 reads t_{i+k+2}
         drafts.append(d)
         probs.append(q)
@@ -136,7 +136,8 @@ def prefill(params: Any, prompts: jax.Array, lengths: jax.Array, key: jax.Array,
     h, layers = _apply(s, params, DeepSeekV3.decode, prompts, positions, cache.layers, plen)
     rows, newest = jnp.arange(batch), lengths - 1
     key, k_first, k_draft = jax.random.split(key, 3)
-    first = draw(probabilities(_apply(s, params, DeepSeekV3.final_logits, h[rows, newest]), s.sampling), k_first)
+    first = draw(probabilities(_apply(s, params, DeepSeekV3.final_logits, h[rows, newest]), s.sampling), k_first,
+                 s.sampling.greedy)
     d = s.depth
     state = DecodeState(
         cache=cache._replace(layers=layers, lengths=lengths), out=jnp.full((batch, s.max_new_tokens + d + 1), s.pad_id),
@@ -160,7 +161,7 @@ def step(params: Any, state: DecodeState, s: Settings) -> DecodeState:
     h, layers = _apply(s, params, DeepSeekV3.decode, tokens, positions, state.cache.layers, s.max_len)
     p = probabilities(_apply(s, params, DeepSeekV3.final_logits, h), s.sampling)
     k_accept, k_draft = jax.random.split(jax.random.fold_in(state.key, state.steps))
-    accepted, nxt = speculative_accept(p, state.draft_probs, state.drafts, k_accept)
+    accepted, nxt = speculative_accept(p, state.draft_probs, state.drafts, k_accept, s.sampling.greedy)
     j = jnp.arange(width)
     emitted = jnp.where(j < accepted[:, None], jnp.pad(state.drafts, ((0, 0), (0, 1))),
                         jnp.where(j == accepted[:, None], nxt[:, None], s.pad_id))

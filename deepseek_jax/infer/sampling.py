@@ -51,22 +51,30 @@ def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return probs
 
 
-def draw(probs: jax.Array, key: jax.Array) -> jax.Array:
-    """One token per row of probs [..., vocab] -> int32 [...]."""
+def draw(probs: jax.Array, key: jax.Array, greedy: bool = False) -> jax.Array:
+    """One token per row of probs [..., vocab] -> int32 [...] (greedy: the argmax of the one-hot, no randomness)."""
+    if greedy:
+        return jnp.argmax(probs, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def speculative_accept(p: jax.Array, q: jax.Array, drafts: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def speculative_accept(p: jax.Array, q: jax.Array, drafts: jax.Array, key: jax.Array,
+                       greedy: bool = False) -> tuple[jax.Array, jax.Array]:
     """p [batch, D+1, vocab]: target distributions at the D drafts and after them; q [batch, D, vocab]: the draft
     distributions; drafts [batch, D]. Returns (accepted [batch]: the length of the accepted prefix, next [batch]:
-    the corrected token after it, or the bonus token when all D were accepted). D = 0 is plain sampling."""
+    the corrected token after it, or the bonus token when all D were accepted). D = 0 is plain sampling.
+    greedy=True (one-hot p and q) takes the rule's deterministic shortcut: accept while the draft is p's argmax."""
     batch, depth = drafts.shape
+    rows = jnp.arange(batch)
+    if greedy:
+        target = jnp.argmax(p, axis=-1).astype(jnp.int32)  # [batch, D+1]
+        accepted = jnp.sum(jnp.cumprod(drafts == target[:, :depth], axis=-1), axis=-1).astype(jnp.int32)
+        return accepted, target[rows, accepted]
     k_accept, k_next = jax.random.split(key)
     p_draft = jnp.take_along_axis(p[:, :depth], drafts[..., None], -1)[..., 0]
     q_draft = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
     ok = jax.random.uniform(k_accept, (batch, depth)) * q_draft < p_draft  # u < p/q, without dividing by 0
     accepted = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1).astype(jnp.int32)
-    rows = jnp.arange(batch)
     q_next = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)[rows, accepted]  # q = 0 after the last draft
     p_next = p[rows, accepted]
     residual = jnp.maximum(p_next - q_next, 0.0)

@@ -73,23 +73,25 @@ def attend(qs: tuple[jax.Array, ...], ks: tuple[jax.Array, ...], v: jax.Array, m
     """softmax(scale * sum_i q_i k_i^T, masked) v, softmax in float32. mask [b, 1, t, s], True = keep.
 
     With chunk > 0 the queries go in blocks of `chunk`, each rematerialized in the backward pass, so
-    at most [b, h, chunk, s] scores are live instead of [b, h, t, s]."""
+    at most [b, h, chunk, s] scores are live instead of [b, h, t, s] (t is padded to whole blocks)."""
     def block(q_block, mask_block):
         scores = sum(_scores(q, k) for q, k in zip(q_block, ks, strict=True)).astype(jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(mask_block, scores, -1e30), axis=-1)
         return _weighted(probs.astype(v.dtype), v)
 
     length = qs[0].shape[1]
-    if not chunk or length <= chunk or length % chunk:
+    if not chunk or length <= chunk:
         return block(qs, mask)
-    n = length // chunk
+    n = -(-length // chunk)
+    pad = n * chunk - length  # extra query rows see nothing and are cut off again
 
     def split(x, axis):
+        x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
         return jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:]), axis, 0)
 
     out = jax.lax.map(jax.checkpoint(lambda args: block(*args)),
                       (tuple(split(q, 1) for q in qs), split(mask, 2)))
-    return jnp.moveaxis(out, 0, 1).reshape(*qs[0].shape[:1], length, *out.shape[3:])
+    return jnp.moveaxis(out, 0, 1).reshape(*qs[0].shape[:1], n * chunk, *out.shape[3:])[:, :length]
 
 
 class MLA(nn.Module):

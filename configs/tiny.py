@@ -42,4 +42,35 @@ def get_config() -> ml_collections.ConfigDict:
         lr=3e-3, warmup_steps=30, decay_start=0.5, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.1, clip=1.0, moment_dtype="float32"))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    c.rl = rl_fields()
+    c.sft = ml_collections.ConfigDict(dict(chat=False))  # chat: render `messages` with the chat template
     return c
+
+
+def rl_fields(**kw) -> ml_collections.ConfigDict:
+    """GRPO settings (stage="grpo"): DeepSeekMath's defaults where they exist."""
+    rl = ml_collections.ConfigDict(dict(
+        task="countdown",
+        task_args=ml_collections.ConfigDict(dict(num_numbers=(3, 4), max_number=25, max_target=100, eval_size=200,
+                                                 template="r1")),
+        group_size=8,  # G completions per prompt
+        prompts_per_step=8,
+        mu=1,  # optimizer steps per rollout batch
+        epsilon=0.2,
+        beta=0.04,  # KL weight (DeepSeekMath 0.04; R1-Zero 0.001)
+        loss_type="grpo",  # grpo | bnpo | dr_grpo
+        max_prompt_tokens=128,
+        max_new_tokens=64,
+        temperature=1.0,
+        top_p=1.0,
+        stop=("</answer>",),
+        chat=False,  # HF chat models: the prompt as a user turn of the chat template, the reply opened with <think>
+        reward_weights=ml_collections.ConfigDict(dict(accuracy=1.0, format=1.0)),
+        ref_refresh_every=0,  # 0 = never (R1: every 400 steps)
+        routing_replay=True,  # replay the rollout's MoE routes in the update (V3.2 "Keep Routing")
+        eval_every=25,
+        eval_problems=64,
+        samples_every=10,
+    ))
+    rl.update(kw)
+    return rl

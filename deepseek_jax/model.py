@@ -61,7 +61,8 @@ def block_cls(cfg: ModelConfig) -> type[Block]:
 
 def block_stack(cfg: ModelConfig, moe: bool, count: int) -> nn.Module:
     """`count` blocks as one nn.scan: params and caches stacked on a leading `layers` axis."""
-    return nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0}, split_rngs={"params": True},
+    return nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0, "routes": 0},
+                   split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=count,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, moe)
 
@@ -117,9 +118,10 @@ class DeepSeekV3(nn.Module):
         self.mtp = [MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers)]
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                 segment_ids: jax.Array | None = None, mtp: bool = True) -> tuple[jax.Array, jax.Array | None]:
         """tokens [batch, length] -> logits [batch, length, vocab] float32 and MTP logits
-        [mtp_depth, batch, length, vocab] (module k at position i predicts t_{i+k+1}), or None."""
+        [mtp_depth, batch, length, vocab] (module k at position i predicts t_{i+k+1}), or None (also when
+        mtp=False, which skips the MTP modules)."""
         chex.assert_rank(tokens, 2)
         batch, length = tokens.shape
         if positions is None:
@@ -136,7 +138,7 @@ class DeepSeekV3(nn.Module):
         logits = self.head_logits(self.norm(h))
 
         mtp_logits = []
-        for k, module in enumerate(self.mtp):
+        for k, module in enumerate(self.mtp if mtp else ()):
             ahead = jnp.roll(tokens, -(k + 1), axis=1)  # t_{i+k+1}; wrapped tail positions are masked in the loss
             h, h_norm, _ = module(h, self._embed(ahead), cos, sin, mask)
             mtp_logits.append(self.head_logits(h_norm))

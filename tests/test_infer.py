@@ -259,6 +259,24 @@ def test_rows_stop_at_eos_independently(model):
     assert out.done.all()
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_rows_stop_after_a_stop_sequence(small_vocab, speculative):
+    """A multi-token stop sequence ends a row right after its first occurrence in the generated tokens, also when
+    a speculative step emits several tokens at once."""
+    cfg, params = small_vocab
+    prompts = prompts_for(cfg)
+    greedy = dsj.infer.complete(cfg, params, prompts, 14, lengths=LENGTHS).completions
+    stop = [int(greedy[1, 4]), int(greedy[1, 5])]
+    out = dsj.infer.complete(cfg, params, prompts, 14, lengths=LENGTHS, stop=[stop], pad_id=-1,
+                             speculative=speculative)
+    for b in range(4):
+        ends = [i + 2 for i in range(13) if greedy[b, i:i + 2].tolist() == stop]
+        n = ends[0] if ends else 14
+        assert out.num_generated[b] == n
+        np.testing.assert_array_equal(out.completions[b, :n], greedy[b, :n])
+        assert (out.completions[b, n:] == -1).all()
+
+
 def test_stream_yields_the_same_tokens_in_chunks(small_vocab):
     cfg, params = small_vocab
     prompts = prompts_for(cfg)

@@ -1,8 +1,8 @@
 """Document sources: the default corpus, `.txt`, `.jsonl` and `.array_record` files.
 
-A source string is "default", or a comma list of files, directories (searched recursively for
-supported files) and globs. Documents are numbered in that order (files sorted within a glob or
-directory), which fixes the eval hold-out and the shuffle.
+A source string is "default", "synthetic:arithmetic[:N]" (generated arithmetic text), or a comma list of files,
+directories (searched recursively for supported files) and globs. Documents are numbered in that order (files sorted
+within a glob or directory), which fixes the eval hold-out and the shuffle.
 
 - `.txt`: cut at blank lines into paragraphs; consecutive paragraphs are joined into documents
   of >= 2,000 characters (`corpus.paragraph_groups`). A line that is not UTF-8 is dropped.
@@ -226,12 +226,22 @@ def _supported(paths: Iterator[str]) -> list[str]:
     return [p for p in paths if p.endswith(SUPPORTED) and os.path.isfile(p)]
 
 
+def synthetic_documents(source: str) -> tuple[str, ...]:
+    """"synthetic:arithmetic[:N]": N (default 2000) generated arithmetic documents (rl.tasks.arithmetic_corpus)."""
+    from deepseek_jax.rl.tasks import arithmetic_corpus
+
+    _, name, *rest = source.split(":")
+    if name != "arithmetic" or len(rest) > 1 or (rest and not rest[0].isascii()) or (rest and not rest[0].isdigit()):
+        raise DataError(f"data source {source!r}: the synthetic corpus is synthetic:arithmetic[:N documents]")
+    return tuple(arithmetic_corpus(0, int(rest[0]) if rest else 2000))
+
+
 def open_source(source: str, stats: DataStats) -> DocumentStore:
-    """The documents of `source` ("default" or files); warns about and counts skipped data."""
-    if source == "default":
-        docs = tuple(default_documents())
+    """The documents of `source` ("default", "synthetic:...", or files); warns about and counts skipped data."""
+    if source == "default" or source.startswith("synthetic:"):
+        docs = tuple(default_documents()) if source == "default" else synthetic_documents(source)
         stats.add(docs_in_source=len(docs))
-        return DocumentStore([docs], "the default corpus")
+        return DocumentStore([docs], "the default corpus" if source == "default" else source)
     parts: list[tuple[str, ...] | _ArrayRecordFile] = []
     files = resolve_files(source)
     for path in files:

@@ -14,6 +14,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import sentencepiece as spm
 
@@ -102,9 +103,14 @@ def load_tokenizer(model_path: str, vocab_size: int | None = None) -> Tokenizer:
     return tok
 
 
-def run_tokenizer(workdir: str) -> Tokenizer:
-    """The sentencepiece model of a launch.train run: the tokenizer.model it saved in its workdir, else (runs
-    from before it did) its data.tokenizer, else the same one trained again on the default corpus."""
+def run_tokenizer(workdir: str) -> Any:
+    """The tokenizer of a launch.train run: the HF tokenizer.json it copied (runs started from a HF checkpoint),
+    the tokenizer.model it saved, else (runs from before they did) its data.tokenizer, else the same one trained
+    again on the default corpus."""
+    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
+        from deepseek_jax.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dir(workdir)
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return load_tokenizer(path)

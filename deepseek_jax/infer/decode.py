@@ -45,6 +45,7 @@ class Settings:
     sampling: Sampling
     speculative: bool = False
     eos_id: int | None = None
+    stop: tuple[tuple[int, ...], ...] = ()  # token sequences that end a row (kept), like eos_id
     cache_dtype: str | None = None
     cache_layout: str = "latent"
     pad_id: int = 0
@@ -91,21 +92,27 @@ def _apply(s: Settings, params: Any, method: Any, *args: Any) -> Any:
 
 
 def _emit(state: DecodeState, tokens: jax.Array, counts: jax.Array, s: Settings) -> DecodeState:
-    """Append each running row's first counts[b] of tokens [batch, width], up to its first EOS and
-    max_new_tokens in all."""
+    """Append each running row's first counts[b] of tokens [batch, width], up to the first that completes
+    EOS or a stop sequence, and max_new_tokens in all."""
     batch, width = tokens.shape
     j = jnp.arange(width)
     slot = state.n_out[:, None] + j
     valid = (j < counts[:, None]) & ~state.done[:, None] & (slot < s.max_new_tokens)
-    hit = jnp.zeros((batch,), bool)
-    if s.eos_id is not None:
-        eos = valid & (tokens == s.eos_id)
-        valid &= jnp.cumsum(eos, axis=1) - eos == 0  # nothing after the first EOS
-        hit = jnp.any(eos & valid, axis=1)
     rows = jnp.arange(batch)[:, None]
+    hit = jnp.zeros((batch, width), bool)
+    stops = s.stop + (((s.eos_id,),) if s.eos_id is not None else ())
+    if stops:
+        trial = state.out.at[rows, jnp.where(valid, slot, state.out.shape[1])].set(tokens, mode="drop")
+        for seq in stops:  # does the generated text end with `seq` at slot j?
+            window = slot[:, :, None] - len(seq) + 1 + jnp.arange(len(seq))
+            ends = (trial[rows[:, :, None], jnp.maximum(window, 0)] == jnp.asarray(seq)) & (window >= 0)
+            hit |= jnp.all(ends, axis=-1)
+        hit &= valid
+        valid &= jnp.cumsum(hit, axis=1) - hit == 0  # nothing after the first stop
     out = state.out.at[rows, jnp.where(valid, slot, state.out.shape[1])].set(tokens, mode="drop")
     n_out = state.n_out + valid.sum(1).astype(jnp.int32)
-    return state.replace(out=out, n_out=n_out, done=state.done | hit | (n_out >= s.max_new_tokens))
+    stopped = jnp.any(hit & valid, axis=1)
+    return state.replace(out=out, n_out=n_out, done=state.done | stopped | (n_out >= s.max_new_tokens))
 
 
 def _draft(params: Any, state: DecodeState, h: jax.Array, positions: jax.Array, ahead: jax.Array,
@@ -202,7 +209,7 @@ def _completion(state: DecodeState, prompts: np.ndarray, rows: int, s: Settings)
 
 def _prepare(cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: float, top_p: float,
              rng: jax.Array | None, speculative: bool, *, top_k: int = 0, eos_id: int | None = None,
-             lengths: Any = None, max_len: int | None = None, cache_dtype: str | None = None,
+             stop: Any = (), lengths: Any = None, max_len: int | None = None, cache_dtype: str | None = None,
              cache_layout: str = "latent", pad_id: int = 0) -> tuple[Settings, np.ndarray, jax.Array, jax.Array]:
     """Check the request and settle its Settings; pad the batch to a multiple of the mesh's batch axes (the
     extra rows are dropped again at the end). Returns (settings, prompts, padded prompts, padded lengths)."""
@@ -233,7 +240,10 @@ def _prepare(cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: f
     slots = (max_len or needed) + (cfg.num_nextn_predict_layers if speculative else 0)  # room for the drafts
     if decode_form(cfg.decode_attention) == "pallas":
         slots = -(-slots // 512) * 512  # whole kernel blocks: the kernel would otherwise pad (copy) the cache
-    settings = Settings(cfg, max_new_tokens, slots, Sampling(temperature, top_k, top_p), speculative, eos_id,
+    stop = tuple(tuple(int(t) for t in seq) for seq in stop)
+    if any(not seq for seq in stop):
+        raise ValueError("stop sequences must each hold at least one token id")
+    settings = Settings(cfg, max_new_tokens, slots, Sampling(temperature, top_k, top_p), speculative, eos_id, stop,
                         cache_dtype, cache_layout, pad_id)
     mesh = jax.sharding.get_abstract_mesh()
     multiple = 1 if mesh.empty else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
@@ -267,7 +277,8 @@ def complete(cfg: ModelConfig, params: Any, prompts: Any, max_new_tokens: int = 
     top_p, drawn from `rng` (default jax.random.key(0)), so a key reproduces its samples. speculative=True
     drafts with the MTP modules and verifies in one forward: the same tokens greedily, the same distribution
     when sampling. Under a mesh (jax.set_mesh and the logical-axis rules) rows are split over its batch axes.
-    Options: top_k (0 = off); eos_id (rows stop after emitting it); lengths [batch] (each row's prompt length,
+    Options: top_k (0 = off); eos_id (rows stop after emitting it); stop (token-id sequences that end a row
+    once generated, kept in the output, e.g. an encoded "</answer>"); lengths [batch] (each row's prompt length,
     default P); max_len (cache slots per row, default just enough); cache_dtype (default the compute dtype);
     cache_layout ("latent", or "heads" for MHA's per-head K/V, a baseline); pad_id (fills rows after they end).
     """

@@ -8,7 +8,10 @@ or group-limited by each group's max score.
 
 Per layer the router sows into the `router_stats` collection:
   expert_load  [experts]  tokens routed to each expert over the batch (drives the bias update),
-  balance_loss []         sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20).
+  balance_loss []         sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20);
+and records its choices as `routes/idx` [batch, length, top_k] when that collection is mutable. Given a
+`routes` collection as input, it replays those experts instead of choosing (V3.2's "Keep Routing" for RL:
+the policy ratio then compares the same expert paths); the gate weights still come from the current scores.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ def _overwrite(_, new):
     return new
 
 
-def route(cfg: ModelConfig, scores: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """scores [tokens, experts] (sigmoid or softmax) -> gate weights, expert ids [tokens, top_k]."""
+def choose(cfg: ModelConfig, scores: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """scores [tokens, experts] (sigmoid or softmax) -> the chosen expert ids [tokens, top_k] (V3 eq. 13, 16)."""
     choice = scores if bias is None else scores + bias
     if cfg.topk_method != "greedy" and cfg.n_group > 1:
         grouped = choice.reshape(*choice.shape[:-1], cfg.n_group, -1)
@@ -44,11 +47,21 @@ def route(cfg: ModelConfig, scores: jax.Array, bias: jax.Array | None) -> tuple[
         group_mask = jnp.zeros(group_score.shape, bool).at[
             jnp.arange(group_score.shape[0])[:, None], kept].set(True)
         choice = jnp.where(group_mask[..., None], grouped, -jnp.inf).reshape(choice.shape)
-    idx = jax.lax.top_k(jax.lax.stop_gradient(choice), cfg.num_experts_per_tok)[1]
+    return jax.lax.top_k(jax.lax.stop_gradient(choice), cfg.num_experts_per_tok)[1]
+
+
+def gate_weights(cfg: ModelConfig, scores: jax.Array, idx: jax.Array) -> jax.Array:
+    """The unbiased scores of the chosen experts, normalised if norm_topk_prob, times routed_scaling_factor."""
     weights = jnp.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, idx
+    return weights * cfg.routed_scaling_factor
+
+
+def route(cfg: ModelConfig, scores: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """scores [tokens, experts] (sigmoid or softmax) -> gate weights, expert ids [tokens, top_k]."""
+    idx = choose(cfg, scores, bias)
+    return gate_weights(cfg, scores, idx), idx
 
 
 class Router(nn.Module):
@@ -68,8 +81,14 @@ class Router(nn.Module):
             bias = jax.lax.stop_gradient(self.param(
                 "e_score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                 (n_exp,), jnp.float32))
-        weights, idx = route(cfg, scores.reshape(-1, n_exp), bias)
-        weights, idx = weights.reshape(batch, length, k), idx.reshape(batch, length, k)
+        scores_flat = scores.reshape(-1, n_exp)
+        if self.has_variable("routes", "idx"):  # replay recorded routes (V3.2 "Keep Routing")
+            idx = self.get_variable("routes", "idx").reshape(-1, k)
+        else:
+            idx = choose(cfg, scores_flat, bias)
+        weights = gate_weights(cfg, scores_flat, idx).reshape(batch, length, k)
+        idx = idx.reshape(batch, length, k)
+        self.sow("routes", "idx", idx, reduce_fn=_overwrite)  # recorded when "routes" is mutable
 
         counts = jnp.zeros((batch, n_exp), jnp.float32).at[jnp.arange(batch)[:, None], idx.reshape(batch, -1)].add(1.0)
         f = counts * n_exp / (k * length)  # V3 eq. 18

@@ -70,16 +70,24 @@ def loss_terms(cfg: ModelConfig, params: Any, batch: dict, mtp_lambda: float, n_
     """One micro-batch's share of the loss. CE is summed and divided by the whole batch's target count;
     the MTP and balance terms are micro-batch means times `weight` (1 / micro-batches), so shares add up."""
     out = forward(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    targets, mask = shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+    targets, mask = batch_targets(batch, 1)
     ce = cross_entropy_sum(out.logits, targets, mask) / n_tokens
     mtp = jnp.zeros((), jnp.float32)
     depth = cfg.num_nextn_predict_layers
     for k in range(depth):  # module k predicts t_{i+k+2}
-        targets, mask_k = shifted_targets(batch["tokens"], batch["segment_ids"], k + 2)
+        targets, mask_k = batch_targets(batch, k + 2)
         mtp += cross_entropy_sum(out.mtp_logits[k], targets, mask_k) / jnp.maximum(mask_k.sum(), 1) / depth
     mtp, balance = mtp * weight, sum_balance_loss(out.router_stats) * weight
     aux = {"ce": ce, "mtp_loss": mtp, "balance_loss": balance, "loads": expert_loads(out.router_stats)}
     return ce + mtp_lambda * mtp + balance, aux
+
+
+def batch_targets(batch: dict, k: int) -> tuple[jax.Array, jax.Array]:
+    """Targets k ahead and their mask; with a `target_mask` (SFT) only marked tokens are predicted."""
+    targets, mask = shifted_targets(batch["tokens"], batch["segment_ids"], k)
+    if "target_mask" in batch:
+        mask &= jnp.roll(batch["target_mask"], -k, axis=1) > 0
+    return targets, mask
 
 
 def expert_loads(router_stats: Any) -> dict[tuple, jax.Array]:
@@ -107,7 +115,7 @@ def load_imbalance(loads: dict[tuple, jax.Array]) -> jax.Array:
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule, mtp_lambda: float, bias_update_speed: float, grad_accum: int = 1):
     """batch: tokens, positions, segment_ids, each [batch, length]. Returns (new state, metrics)."""
-    _, mask = shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+    _, mask = batch_targets(batch, 1)
     n_tokens = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
     micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
@@ -140,5 +148,5 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
 def eval_step(params: Any, batch: dict, *, cfg: ModelConfig) -> dict[str, jax.Array]:
     """Summed next-token CE and target count, to be pooled over eval batches."""
     out = forward(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    targets, mask = shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+    targets, mask = batch_targets(batch, 1)
     return {"ce_sum": cross_entropy_sum(out.logits, targets, mask), "count": mask.sum().astype(jnp.float32)}

@@ -1,0 +1,491 @@
+"""Verifiable tasks for R1-Zero-style RL at laptop scale, and a synthetic arithmetic pretraining corpus.
+
+A task turns a seed into problems (a prompt, the arguments its rule-based rewards need, a reference solution)
+and scores completions with the rewards of `deepseek_jax.rl.rewards`. Pure Python, deterministic and seeded.
+
+* `Countdown`: given 3-4 numbers and a target, write an expression that uses each number exactly once with
+  + - * / and equals the target (the TinyZero task). Problems are built from a random expression tree over all
+  the numbers, so every target is reachable and the tree is the reference answer.
+* `Arithmetic`: compute `a op b` for multi-digit integers; the answer is one integer.
+
+Determinism and the train/eval split. Problem `i` of a stream is drawn from its own `random.Random` seeded with
+the string "<task>:<seed>:<stream>:<i>:<attempt>" (string seeds go through SHA-512, so they do not depend on
+PYTHONHASHSEED, the platform or the order of calls). The eval set is the first `eval_size` distinct problems of
+the "eval" stream, in a fixed order; `train_problem(i)` draws from the "train" stream and redraws (next attempt)
+while the problem's key -- (sorted numbers, target) for Countdown, (a, op, b) for Arithmetic -- is one of the
+eval keys, so the infinite train stream never contains an eval problem. Train problems may repeat among
+themselves. A problem space too small for `eval_size` distinct problems raises ValueError at construction.
+
+Prompts and scoring. Templates live in `TEMPLATES[template][task]` (adding a template is one entry). Every
+template ends with an opening `<think>` tag, R1-Zero style: the model continues the reasoning it was prompted to
+start. `score(problem, completion)` takes only what the model generated after the prompt and, when the prompt ends
+with `<think>`, prepends that tag, so the format reward judges the whole assistant response
+("<think>" + completion).
+
+The arithmetic corpus (`arithmetic_corpus`) and why it does not leak Countdown. The corpus teaches a tiny base model
+to read and write numbers and expressions before RL: one-operation facts ("17 + 25 = 42"), step-by-step evaluations
+of random expressions with 2-4 operands in [1, 100] whose every intermediate result is a non-negative integer, times
+tables, sentences ("The product of 6 and 7 is 42."), and worked examples in the `<think> ... </think> <answer> ...
+</answer>` format for questions like "Compute (6 * 7) - 9.", answered with the value or with the equation "(6 * 7) -
+9 = 33" -- the only format prior the model gets. Every document only ever evaluates a given expression forwards
+(expression -> value). It never poses the Countdown problem, i.e. the inverse search "reach target T using these
+numbers, each exactly once": no document lists a set of numbers together with a target, asks for an expression, or
+uses the wording of the Countdown templates ("Using the numbers", "create an equation", "each number exactly once",
+"Make ... from ..."). That an expression such as "(6 * 7) - 9 = 33" could also be a Countdown solution is
+unavoidable for arithmetic text and harmless: the model still has to search for one, which is what RL must teach.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from deepseek_jax.rl.rewards import (
+    MAX_LITERAL_DIGITS,
+    MAX_MAGNITUDE,
+    THINK_OPEN,
+    arithmetic_accuracy,
+    countdown_accuracy,
+    format_reward,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance. `reward_args` are the keyword arguments of the task's accuracy reward (treat it as
+    read-only); `answer` is a reference solution in the form the accuracy reward expects inside <answer>;
+    `key` identifies the problem for the train/eval split."""
+
+    prompt: str
+    reward_args: dict = field(hash=False)
+    answer: str
+    key: tuple = ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt templates: TEMPLATES[template name][task name] is a str.format string.
+#   countdown fields: numbers ("[3, 7, 25]"), numbers_plain ("3 7 25"), target
+#   arithmetic fields: expression ("123 * 45")
+# ---------------------------------------------------------------------------------------------------------------
+
+_R1_SYSTEM = (
+    "The following is a conversation between a User and an Assistant. The User poses a problem and the Assistant "
+    "solves it. The Assistant first works the problem out step by step, writing that reasoning between <think> "
+    "and </think>, and then states the final result between <answer> and </answer>, like this: "
+    "<think> reasoning </think> <answer> result </answer>.\n"
+)
+
+
+def _r1(question: str) -> str:
+    return f"{_R1_SYSTEM}User: {question}\nAssistant: {THINK_OPEN}"
+
+
+TEMPLATES: dict[str, dict[str, str]] = {
+    "r1": {
+        "countdown": _r1("Using the numbers {numbers}, create an equation that equals {target}. Use + - * / and "
+                         "parentheses, and use each number exactly once. Put only the expression inside the answer "
+                         "tags, for example <answer> (1 + 2) * 3 </answer>."),
+        "arithmetic": _r1("Compute {expression}. Put only the resulting integer inside the answer tags."),
+    },
+    "compact": {
+        "countdown": "Make {target} from {numbers_plain} with + - * /, each once.\n" + THINK_OPEN,
+        "arithmetic": "Compute {expression}.\n" + THINK_OPEN,
+    },
+}
+
+
+def _template(template: str, task: str) -> str:
+    if template not in TEMPLATES or task not in TEMPLATES[template]:
+        known = sorted(name for name, per_task in TEMPLATES.items() if task in per_task)
+        raise ValueError(f"unknown template {template!r} for task {task!r}; available: {', '.join(known)}")
+    return TEMPLATES[template][task]
+
+
+def full_response(prompt: str, completion: str) -> str:
+    """The whole assistant response: the completion, with the prompt's trailing opening <think> tag put back."""
+    return THINK_OPEN + completion if prompt.rstrip().endswith(THINK_OPEN) else completion
+
+
+def _int_range(value: int | Sequence[int], name: str, low: int, high: int) -> tuple[int, int]:
+    try:
+        lo = hi = operator.index(value)  # one int (numpy ints too)
+    except TypeError:
+        try:
+            lo, hi = (operator.index(v) for v in value)  # a (min, max) pair, e.g. a list from a config file
+        except (TypeError, ValueError):
+            lo, hi = high + 1, low  # reported below
+    if not (low <= lo <= hi <= high):
+        raise ValueError(f"{name} must be an int or a (min, max) pair within [{low}, {high}], got {value!r}")
+    return lo, hi
+
+
+_MAX_ATTEMPTS = 10_000  # redraws of one train problem that collides with the eval set before giving up
+
+
+class _Task:
+    """The stream / eval-set machinery shared by the tasks. A subclass sets `name` and `_accuracy` and
+    implements `_sample(rng) -> Problem`."""
+
+    name: str
+    reward_names: tuple[str, ...] = ("accuracy", "format")
+    _accuracy: Callable[..., float]
+
+    def __init__(self, seed: int, eval_size: int, template: str):
+        if eval_size < 0:
+            raise ValueError(f"eval_size must be >= 0, got {eval_size}")
+        self.seed = seed
+        self.eval_size = eval_size
+        self.template = template
+        self._prompt_format = _template(template, self.name)
+        self._eval = self._build_eval()
+        self._eval_keys = frozenset(p.key for p in self._eval)
+
+    def _rng(self, stream: str, i: int, attempt: int = 0) -> random.Random:
+        return random.Random(f"{self.name}:{self.seed}:{stream}:{i}:{attempt}")
+
+    def _sample(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def _build_eval(self) -> list[Problem]:
+        problems: list[Problem] = []
+        seen: set[tuple] = set()
+        for j in range(50 * self.eval_size + 1000):
+            if len(problems) == self.eval_size:
+                return problems
+            p = self._sample(self._rng("eval", j))
+            if p.key not in seen:
+                seen.add(p.key)
+                problems.append(p)
+        if len(problems) < self.eval_size:
+            raise ValueError(f"{self.name}: could not draw {self.eval_size} distinct eval problems (got "
+                             f"{len(problems)}); the problem space is too small for this eval_size")
+        return problems
+
+    def eval_problems(self) -> list[Problem]:
+        """The fixed eval set: `eval_size` distinct problems, the same for the same seed and settings."""
+        return list(self._eval)
+
+    def train_problem(self, i: int) -> Problem:
+        """Problem `i` of the infinite train stream (never an eval problem)."""
+        if i < 0:
+            raise ValueError(f"train problem index must be >= 0, got {i}")
+        for attempt in range(_MAX_ATTEMPTS):
+            p = self._sample(self._rng("train", i, attempt))
+            if p.key not in self._eval_keys:
+                return p
+        raise RuntimeError(f"{self.name}: train problem {i} kept colliding with the eval set")
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        """{reward name: value} for a completion (the text generated after `problem.prompt`)."""
+        text = full_response(problem.prompt, completion)
+        return {"accuracy": self._accuracy(text, **problem.reward_args), "format": format_reward(text)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Countdown
+# ---------------------------------------------------------------------------------------------------------------
+
+_OPS = "+-*/"
+
+
+def _combine(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    else:
+        if b == 0:
+            return None
+        r = a / b
+    if abs(r.numerator) > MAX_MAGNITUDE or r.denominator > MAX_MAGNITUDE:
+        return None
+    return r
+
+
+def _natural(v: Fraction) -> bool:
+    return v.denominator == 1 and v > 0
+
+
+def _countdown_tree(rng: random.Random, numbers: list[int], max_target: int) -> tuple[str, int] | None:
+    """A random binary expression tree over all of `numbers` (each exactly once); returns (expression, value) or
+    None when no final combination lands on an integer in [1, max_target].
+
+    Repeatedly joins two random nodes of the pool. Each join prefers (95%) operations whose result is a positive
+    integer, choosing the operation uniformly among those available, so reference solutions read naturally
+    (no "(3 - 7) / 2" unless nothing else works); the last join only keeps results in [1, max_target]."""
+    pool: list[tuple[Fraction, str, bool]] = [(Fraction(x), str(x), True) for x in numbers]  # (value, text, leaf)
+    while len(pool) > 1:
+        i, j = rng.sample(range(len(pool)), 2)
+        a, b = pool[i], pool[j]
+        rest = [node for k, node in enumerate(pool) if k != i and k != j]
+        last = not rest
+        by_op: dict[str, list[tuple[Fraction, tuple, tuple]]] = {}
+        fallback: list[tuple[str, Fraction, tuple, tuple]] = []
+        for x, y in ((a, b), (b, a)):
+            for op in _OPS:
+                v = _combine(op, x[0], y[0])
+                if v is None:
+                    continue
+                if last and not (v.denominator == 1 and 1 <= v <= max_target):
+                    continue
+                fallback.append((op, v, x, y))
+                if _natural(v):
+                    by_op.setdefault(op, []).append((v, x, y))
+        if by_op and rng.random() < 0.95:
+            op = rng.choice(sorted(by_op))
+            v, x, y = rng.choice(by_op[op])
+        elif fallback:
+            op, v, x, y = rng.choice(fallback)
+        else:
+            return None
+        text = " ".join((x[1] if x[2] else f"({x[1]})", op, y[1] if y[2] else f"({y[1]})"))
+        pool = [*rest, (v, text, False)]
+    value, text, _ = pool[0]
+    if value.denominator != 1 or not 1 <= value <= max_target:  # only reachable for a single number
+        return None
+    return text, int(value)
+
+
+class Countdown(_Task):
+    """Countdown: reach `target` from the given numbers with + - * /, using each number exactly once.
+
+    `num_numbers` is how many numbers a problem has (an int, or an inclusive (min, max) range; at most 8, so a
+    reference answer stays well inside the reward's token bounds), the numbers are in [1, max_number], the target
+    is an integer in [1, max_target]. Rewards: accuracy (`countdown_accuracy`), format (`format_reward`)."""
+
+    name = "countdown"
+    _accuracy = staticmethod(countdown_accuracy)
+
+    def __init__(self, seed: int = 0, num_numbers: int | Sequence[int] = (3, 4), max_number: int = 25,
+                 max_target: int = 100, eval_size: int = 200, template: str = "r1"):
+        self.num_numbers = _int_range(num_numbers, "num_numbers", 2, 8)
+        if not 1 <= max_number < 10**MAX_LITERAL_DIGITS:
+            raise ValueError(f"max_number must be in [1, {10**MAX_LITERAL_DIGITS - 1}], got {max_number}")
+        if max_target < 1:
+            raise ValueError(f"max_target must be >= 1, got {max_target}")
+        self.max_number = max_number
+        self.max_target = max_target
+        super().__init__(seed, eval_size, template)
+
+    def _sample(self, rng: random.Random) -> Problem:
+        lo, hi = self.num_numbers
+        for _ in range(_MAX_ATTEMPTS):  # a tree lands in range within a few tries for any sane settings
+            numbers = [rng.randint(1, self.max_number) for _ in range(rng.randint(lo, hi))]
+            built = _countdown_tree(rng, numbers, self.max_target)
+            if built is None:
+                continue
+            expression, target = built
+            if countdown_accuracy(f"<answer>{expression}</answer>", numbers, target) != 1.0:  # belt and braces
+                continue
+            prompt = self._prompt_format.format(numbers="[" + ", ".join(map(str, numbers)) + "]",
+                                                numbers_plain=" ".join(map(str, numbers)), target=target)
+            return Problem(prompt=prompt, reward_args={"numbers": list(numbers), "target": target},
+                           answer=expression, key=(tuple(sorted(numbers)), target))
+        raise RuntimeError(f"countdown: no problem found in {_MAX_ATTEMPTS} tries; are the settings satisfiable?")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arithmetic
+# ---------------------------------------------------------------------------------------------------------------
+
+_INT_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+class Arithmetic(_Task):
+    """Compute `a op b` exactly: op in `ops` (a subset of "+", "-", "*"), each operand has a number of digits in
+    `digits` (an int, or an inclusive (min, max) range within [1, 9]; one digit means 1-9). The result may be
+    negative. Rewards: accuracy (`arithmetic_accuracy`), format (`format_reward`)."""
+
+    name = "arithmetic"
+    _accuracy = staticmethod(arithmetic_accuracy)
+
+    def __init__(self, seed: int = 0, digits: int | Sequence[int] = (2, 3), ops: Sequence[str] = ("+", "-", "*"),
+                 eval_size: int = 200, template: str = "r1"):
+        self.digits = _int_range(digits, "digits", 1, 9)
+        ops = tuple(ops)
+        if not ops or any(op not in _INT_OPS for op in ops):
+            raise ValueError(f"ops must be a non-empty subset of {sorted(_INT_OPS)}, got {ops!r}")
+        self.ops = ops
+        super().__init__(seed, eval_size, template)
+
+    def _operand(self, rng: random.Random) -> int:
+        d = rng.randint(*self.digits)
+        return rng.randint(10 ** (d - 1), 10**d - 1)
+
+    def _sample(self, rng: random.Random) -> Problem:
+        a, op, b = self._operand(rng), rng.choice(self.ops), self._operand(rng)
+        result = _INT_OPS[op](a, b)
+        expression = f"{a} {op} {b}"
+        return Problem(prompt=self._prompt_format.format(expression=expression), reward_args={"answer": result},
+                       answer=str(result), key=(a, op, b))
+
+
+TASKS: dict[str, type[_Task]] = {"countdown": Countdown, "arithmetic": Arithmetic}
+
+
+def make_task(name: str, **kwargs) -> _Task:
+    """The task registered as `name`, constructed with `kwargs`."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic arithmetic pretraining corpus (see the module docstring for why it does not leak Countdown)
+# ---------------------------------------------------------------------------------------------------------------
+
+_CORPUS_MIN_CHARS, _CORPUS_MAX_CHARS = 1000, 3000
+_MAX_PRODUCT = 10_000  # keeps every intermediate result of the corpus at most a few digits
+
+
+@dataclass
+class _Node:
+    value: int
+    text: str
+    steps: list[str]  # "x op y = v" for every operation, in evaluation order
+    leaf: bool
+
+    def wrapped(self) -> str:
+        return self.text if self.leaf else f"({self.text})"
+
+
+def _leaf(value: int) -> _Node:
+    return _Node(value, str(value), [], True)
+
+
+def _join(x: _Node, op: str, y: _Node, value: int) -> _Node:
+    steps = [*x.steps, *y.steps, f"{x.value} {op} {y.value} = {value}"]
+    return _Node(value, f"{x.wrapped()} {op} {y.wrapped()}", steps, False)
+
+
+def _with_leaf(rng: random.Random, left: _Node) -> _Node:
+    """`left op n` for a fresh operand n in [1, 100] chosen so the result is a non-negative integer."""
+    v = left.value
+    choices = ["+"]
+    if v >= 1:
+        choices.append("-")
+    if v <= _MAX_PRODUCT // 2:
+        choices.append("*")
+    divisors = [d for d in range(2, min(v - 1, 100) + 1) if v % d == 0]  # proper divisors: no "77 / 77 = 1"
+    if divisors:
+        choices.append("/")
+    op = rng.choice(choices)
+    if op == "+":
+        n = rng.randint(1, 100)
+        node = _join(left, "+", _leaf(n), v + n)
+        return node if rng.random() < 0.5 else _join(_leaf(n), "+", left, v + n)
+    if op == "-":
+        n = rng.randint(1, min(v, 100))
+        return _join(left, "-", _leaf(n), v - n)
+    if op == "*":
+        n = rng.randint(1, max(1, min(100, _MAX_PRODUCT // max(v, 1))))
+        return _join(left, "*", _leaf(n), v * n) if rng.random() < 0.5 else _join(_leaf(n), "*", left, v * n)
+    n = rng.choice(divisors)
+    return _join(left, "/", _leaf(n), v // n)
+
+
+def _corpus_expression(rng: random.Random, operands: int) -> _Node:
+    """A random expression over `operands` numbers in [1, 100]; every intermediate result is an integer >= 0."""
+    if operands == 1:
+        return _leaf(rng.randint(1, 100))
+    left_size = rng.randint(1, operands - 1)
+    left = _corpus_expression(rng, left_size)
+    if operands - left_size == 1:
+        return _with_leaf(rng, left)
+    right = _corpus_expression(rng, operands - left_size)
+    x, y = (left, right) if rng.random() < 0.5 else (right, left)
+    ops = ["+"]
+    if x.value * y.value <= _MAX_PRODUCT:
+        ops.append("*")
+    if x.value != y.value:
+        ops.append("-")
+    op = rng.choice(ops)
+    if op == "-":
+        x, y = (x, y) if x.value > y.value else (y, x)
+        return _join(x, "-", y, x.value - y.value)
+    return _join(x, op, y, x.value + y.value if op == "+" else x.value * y.value)
+
+
+def _section_facts(rng: random.Random) -> str:
+    return "\n".join(_corpus_expression(rng, 2).steps[-1] for _ in range(rng.randint(4, 9)))
+
+
+def _section_sentences(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 6)):
+        node = _corpus_expression(rng, 2)
+        a, op, b, _, value = node.steps[-1].split(" ")
+        if op == "/":
+            lines.append(f"{a} divided by {b} is {value}.")
+        elif op == "-":
+            lines.append(f"The difference between {a} and {b} is {value}.")
+        else:
+            lines.append(f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {value}.")
+    return "\n".join(lines)
+
+
+_STEP_WORDS = ("First", "Then", "Next", "After that")
+
+
+def _narrated_steps(steps: list[str]) -> list[str]:
+    out = [f"{_STEP_WORDS[min(k, len(_STEP_WORDS) - 1)]}, {step}." for k, step in enumerate(steps[:-1])]
+    out.append(f"{'Finally, ' if len(steps) > 1 else ''}{steps[-1]}.")
+    return out
+
+
+def _section_evaluation(rng: random.Random) -> str:
+    node = _corpus_expression(rng, rng.randint(2, 4))
+    lead = rng.choice(("Evaluate", "Work out", "Simplify"))
+    steps = _narrated_steps(node.steps) if len(node.steps) > 1 else []
+    return "\n".join([f"{lead} {node.text}.", *steps, f"So {node.text} = {node.value}."])
+
+
+def _section_worked_example(rng: random.Random) -> str:
+    node = _corpus_expression(rng, rng.randint(2, 4))
+    question = rng.choice(("Compute", "Calculate", "What is"))
+    question = f"{question} {node.text}{'?' if question == 'What is' else '.'}"
+    think = " ".join(_narrated_steps(node.steps))
+    sep = rng.choice((" ", "\n"))
+    answer = rng.choice((str(node.value), f"{node.text} = {node.value}"))  # a value, or the checked equation
+    return f"{question}\n<think> {think} </think>{sep}<answer> {answer} </answer>"
+
+
+def _section_table(rng: random.Random) -> str:
+    n = rng.randint(2, 12)
+    start = rng.randint(1, 6)
+    return f"Multiples of {n}:\n" + "\n".join(f"{n} * {k} = {n * k}" for k in range(start, start + rng.randint(4, 8)))
+
+
+_SECTIONS: tuple[tuple[Callable[[random.Random], str], int], ...] = (
+    (_section_facts, 3), (_section_sentences, 2), (_section_evaluation, 3), (_section_worked_example, 3),
+    (_section_table, 1),
+)
+_TITLES = ("Arithmetic practice", "Worked examples", "Notes on arithmetic", "Exercises with answers",
+           "Mental math", "Step by step")
+
+
+def _corpus_document(rng: random.Random) -> str:
+    budget = rng.randint(_CORPUS_MIN_CHARS, _CORPUS_MAX_CHARS - 400)
+    parts = [rng.choice(_TITLES)]
+    size = len(parts[0])
+    sections, weights = zip(*_SECTIONS, strict=True)
+    while size < budget:
+        section = rng.choices(sections, weights)[0](rng)
+        if size + 2 + len(section) > _CORPUS_MAX_CHARS:
+            if size >= _CORPUS_MIN_CHARS:
+                break
+            continue
+        parts.append(section)
+        size += 2 + len(section)
+    return "\n\n".join(parts) + "\n"
+
+
+def arithmetic_corpus(seed: int, n_docs: int) -> list[str]:
+    """`n_docs` synthetic arithmetic documents of ~1-3k characters (see the module docstring). Document `k` depends
+    only on (seed, k), so a longer corpus extends a shorter one."""
+    return [_corpus_document(random.Random(f"arithmetic-corpus:{seed}:{k}")) for k in range(n_docs)]

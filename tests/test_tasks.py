@@ -1,0 +1,249 @@
+"""Verifiable tasks (Countdown, Arithmetic) and the synthetic arithmetic pretraining corpus."""
+
+import re
+import string
+from collections import Counter
+
+import pytest
+
+from deepseek_jax.rl.rewards import THINK_OPEN, evaluate_expression, format_reward
+from deepseek_jax.rl.tasks import (
+    TASKS,
+    TEMPLATES,
+    Arithmetic,
+    Countdown,
+    Problem,
+    arithmetic_corpus,
+    full_response,
+    make_task,
+)
+
+
+def solved(problem: Problem) -> str:
+    """A completion (what follows the prompt's <think>) that gives the reference answer in the R1 format."""
+    return f" let me work it out </think>\n<answer> {problem.answer} </answer>"
+
+
+@pytest.fixture(scope="module")
+def countdown() -> Countdown:
+    return Countdown(seed=0)
+
+
+@pytest.fixture(scope="module")
+def arithmetic() -> Arithmetic:
+    return Arithmetic(seed=0)
+
+
+# ------------------------------------------------------------------------------------------------- countdown
+
+
+def test_countdown_is_deterministic_per_seed(countdown):
+    again = Countdown(seed=0)
+    assert [countdown.train_problem(i) for i in range(50)] == [again.train_problem(i) for i in range(50)]
+    assert countdown.eval_problems() == again.eval_problems()
+    other = Countdown(seed=1)
+    assert [p.key for p in other.eval_problems()] != [p.key for p in countdown.eval_problems()]
+    assert [other.train_problem(i).key for i in range(20)] != [countdown.train_problem(i).key for i in range(20)]
+    # problem i does not depend on which problems were asked for before it
+    assert Countdown(seed=0).train_problem(123) == countdown.train_problem(123)
+
+
+def test_countdown_reference_answers_score_one(countdown):
+    problems = [countdown.train_problem(i) for i in range(400)] + countdown.eval_problems()[:100]
+    for p in problems:
+        assert countdown.score(p, solved(p)) == {"accuracy": 1.0, "format": 1.0}, p
+        literals = [int(x) for x in re.findall(r"\d+", p.answer)]
+        assert Counter(literals) == Counter(p.reward_args["numbers"])  # each number exactly once
+        assert evaluate_expression(p.answer) == p.reward_args["target"]
+        assert countdown.score(p, " </think> <answer> 0 </answer>")["accuracy"] == 0.0
+
+
+def test_countdown_bounds(countdown):
+    problems = [countdown.train_problem(i) for i in range(500)]
+    sizes = Counter(len(p.reward_args["numbers"]) for p in problems)
+    assert set(sizes) == {3, 4}
+    for p in problems:
+        numbers, target = p.reward_args["numbers"], p.reward_args["target"]
+        assert all(isinstance(x, int) and 1 <= x <= 25 for x in numbers)
+        assert isinstance(target, int) and 1 <= target <= 100
+        assert p.key == (tuple(sorted(numbers)), target)
+    assert len({p.reward_args["target"] for p in problems}) > 50  # targets are spread out
+
+    small = Countdown(seed=5, num_numbers=(2, 5), max_number=10, max_target=30, eval_size=50)
+    for i in range(200):
+        p = small.train_problem(i)
+        assert 2 <= len(p.reward_args["numbers"]) <= 5
+        assert all(1 <= x <= 10 for x in p.reward_args["numbers"])
+        assert 1 <= p.reward_args["target"] <= 30
+        assert small.score(p, solved(p))["accuracy"] == 1.0
+
+
+def test_countdown_train_and_eval_are_disjoint(countdown):
+    evals = countdown.eval_problems()
+    eval_keys = {p.key for p in evals}
+    assert len(evals) == 200 and len(eval_keys) == 200
+    assert not eval_keys & {countdown.train_problem(i).key for i in range(5000)}
+
+
+def test_countdown_templates(countdown):
+    p = countdown.train_problem(0)
+    numbers, target = p.reward_args["numbers"], p.reward_args["target"]
+    assert p.prompt.endswith("\nAssistant: <think>")
+    assert f"Using the numbers [{', '.join(map(str, numbers))}], create an equation that equals {target}." in p.prompt
+    assert "<answer>" in p.prompt and "</answer>" in p.prompt  # the format is described to the model
+
+    compact = Countdown(seed=0, template="compact", eval_size=10).train_problem(0)
+    numbers, target = compact.reward_args["numbers"], compact.reward_args["target"]
+    assert compact.prompt == f"Make {target} from {' '.join(map(str, numbers))} with + - * /, each once.\n<think>"
+
+    with pytest.raises(ValueError, match="compact, r1"):
+        Countdown(seed=0, template="nope")
+
+
+def test_score_prepends_the_prompted_think_tag(countdown):
+    p = countdown.train_problem(1)
+    assert full_response(p.prompt, "x</think><answer>1</answer>") == "<think>x</think><answer>1</answer>"
+    assert full_response("no tag here", "abc") == "abc"
+    assert countdown.score(p, solved(p))["format"] == 1.0
+    assert countdown.score(p, THINK_OPEN + solved(p))["format"] == 0.0  # a second <think>
+    assert countdown.score(p, f"<answer>{p.answer}</answer>") == {"accuracy": 1.0, "format": 0.0}
+    assert countdown.score(p, solved(p) + " trailing words")["format"] == 0.0
+
+
+def test_countdown_rejects_bad_settings():
+    with pytest.raises(ValueError, match="num_numbers"):
+        Countdown(num_numbers=(1, 3))
+    with pytest.raises(ValueError, match="num_numbers"):
+        Countdown(num_numbers=(4, 3))
+    with pytest.raises(ValueError, match="max_number"):
+        Countdown(max_number=0)
+    with pytest.raises(ValueError, match="too small"):
+        Countdown(num_numbers=2, max_number=2, max_target=2, eval_size=200)
+
+
+# ------------------------------------------------------------------------------------------------ arithmetic
+
+
+def test_arithmetic_is_deterministic_and_correct(arithmetic):
+    again = Arithmetic(seed=0)
+    assert [arithmetic.train_problem(i) for i in range(50)] == [again.train_problem(i) for i in range(50)]
+    assert arithmetic.eval_problems() == again.eval_problems()
+    assert Arithmetic(seed=1).eval_problems() != arithmetic.eval_problems()
+    for i in range(500):
+        p = arithmetic.train_problem(i)
+        a, op, b = p.key
+        assert op in "+-*" and 10 <= a <= 999 and 10 <= b <= 999
+        expected = {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert p.reward_args == {"answer": expected} and p.answer == str(expected)
+        assert arithmetic.score(p, solved(p)) == {"accuracy": 1.0, "format": 1.0}
+        assert arithmetic.score(p, f" </think> <answer> {expected + 1} </answer>")["accuracy"] == 0.0
+
+
+def test_arithmetic_settings_and_disjointness(arithmetic):
+    eval_keys = {p.key for p in arithmetic.eval_problems()}
+    assert len(eval_keys) == 200
+    assert not eval_keys & {arithmetic.train_problem(i).key for i in range(5000)}
+
+    task = Arithmetic(seed=2, digits=3, ops=("*",), eval_size=20, template="compact")
+    p = task.train_problem(0)
+    a, op, b = p.key
+    assert op == "*" and 100 <= a <= 999 and 100 <= b <= 999
+    assert p.prompt == f"Compute {a} * {b}.\n<think>"
+    assert task.score(p, solved(p))["accuracy"] == 1.0
+    assert p.prompt.startswith("Compute") and arithmetic.train_problem(0).prompt.endswith("Assistant: <think>")
+    with pytest.raises(ValueError, match="ops"):
+        Arithmetic(ops=("/",))
+    with pytest.raises(ValueError, match="digits"):
+        Arithmetic(digits=(0, 2))
+
+
+def test_registry():
+    assert TASKS == {"countdown": Countdown, "arithmetic": Arithmetic}
+    task = make_task("countdown", seed=3, eval_size=5)
+    assert isinstance(task, Countdown) and len(task.eval_problems()) == 5
+    assert task.reward_names == ("accuracy", "format")
+    assert isinstance(make_task("arithmetic", eval_size=5), Arithmetic)
+    with pytest.raises(ValueError, match="arithmetic, countdown"):
+        make_task("sudoku")
+
+
+def test_every_template_renders_for_every_task():
+    for template in TEMPLATES:
+        for name in TASKS:
+            task = make_task(name, seed=0, eval_size=3, template=template)
+            for p in task.eval_problems():
+                assert p.prompt.endswith(THINK_OPEN) and "{" not in p.prompt
+                assert task.score(p, solved(p)) == {"accuracy": 1.0, "format": 1.0}
+
+
+# -------------------------------------------------------------------------------------------------- corpus
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return arithmetic_corpus(seed=0, n_docs=300)
+
+
+def test_corpus_is_deterministic(corpus):
+    assert arithmetic_corpus(seed=0, n_docs=300) == corpus
+    assert arithmetic_corpus(seed=0, n_docs=10) == corpus[:10]  # document k depends only on (seed, k)
+    assert arithmetic_corpus(seed=1, n_docs=10) != corpus[:10]
+    assert len(set(corpus)) == len(corpus)
+    assert all(1000 <= len(doc) <= 3000 for doc in corpus)
+
+
+def test_corpus_contains_the_tags_in_format(corpus):
+    with_tags = [doc for doc in corpus if "<think>" in doc and "<answer>" in doc]
+    assert len(with_tags) > len(corpus) // 2
+    examples = re.findall(r"^(?:Compute|Calculate|What is) (.+?)[.?]\n(<think>.*?</answer>)$",
+                          "\n\n".join(corpus), flags=re.M)
+    assert len(examples) > 200
+    for expression, block in examples:
+        assert format_reward(block) == 1.0
+        value = evaluate_expression(expression)
+        assert value is not None and value.denominator == 1 and value >= 0
+        assert block.endswith(f"<answer> {value} </answer>")
+        assert all(1 <= int(x) <= 100 for x in re.findall(r"\d+", expression))  # operands in [1, 100]
+        assert 2 <= len(re.findall(r"\d+", expression)) <= 4
+
+
+def _countdown_phrases() -> set[str]:
+    """The fixed wording of every countdown template (the literal text between its fields), plus the telltale
+    words of the task."""
+    phrases = {"using the numbers", "create an equation", "exactly once", "each once", "each number", "make ",
+               " from ", "target", "equation", "numbers ["}
+    for per_task in TEMPLATES.values():
+        for literal, *_ in string.Formatter().parse(per_task["countdown"]):
+            for sentence in re.split(r"[.\n]", literal):
+                if len(sentence.strip()) >= 8:
+                    phrases.add(sentence.strip().lower())
+    return phrases
+
+
+def test_corpus_never_poses_countdown(corpus):
+    phrases = _countdown_phrases()
+    assert "use each number exactly once" in " ".join(phrases)
+    for doc in corpus:
+        lowered = doc.lower()
+        assert not [ph for ph in phrases if ph in lowered], doc
+        assert "[" not in doc  # no number lists at all
+
+
+_STATEMENT = re.compile(r"([0-9()+\-*/ ]+) = (\d+)")
+
+
+def test_corpus_arithmetic_is_correct(corpus):
+    checked = simple = 0
+    for doc in corpus:
+        for line in doc.splitlines():
+            m = re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", line)
+            if m:
+                a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+                assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == c, line
+                simple += 1
+            for lhs, rhs in _STATEMENT.findall(line):
+                assert evaluate_expression(lhs) == int(rhs), line
+                checked += 1
+    assert simple > 1000 and checked > 5000
+    text = "\n".join(corpus)
+    assert all(op in text for op in (" + ", " - ", " * ", " / "))

@@ -15,10 +15,10 @@ from configs import tiny
 
 def get_config() -> ml_collections.ConfigDict:
     base = tiny.get_config()
-    base.steps = 500
+    base.steps = 400
     base.log_every = 25
-    base.eval_every = 250
-    base.checkpoint_every = 250
+    base.eval_every = 200
+    base.checkpoint_every = 200
     base.data.update(source="synthetic:arithmetic:2000", seq_len=256, batch_size=16)
     base.model.update(vocab_size=512, max_position_embeddings=512)
     base.optim.update(lr=3e-3, warmup_steps=50)
@@ -31,9 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     grpo.model.update(vocab_size=512, max_position_embeddings=512)
     grpo.optim.update(lr=5e-4, warmup_steps=10, decay_start=1.0, weight_decay=0.0)
     grpo.rl.update(
-        task="countdown", group_size=8, prompts_per_step=8, beta=0.001, max_prompt_tokens=48, max_new_tokens=64,
+        task="countdown", group_size=8, prompts_per_step=8, beta=0.001, max_prompt_tokens=64, max_new_tokens=64,
         temperature=1.0, eval_every=25, eval_problems=100, samples_every=25)
-    grpo.rl.task_args.update(num_numbers=(3, 3), max_number=10, max_target=50, eval_size=200, template="compact")
+    grpo.rl.task_args.update(num_numbers=(3, 3), max_number=10, max_target=50, eval_size=200, template="combine")
 
     c = ml_collections.ConfigDict()
     c.chain = ("base", "grpo")

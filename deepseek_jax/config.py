@@ -17,7 +17,8 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 # Our own runtime choices; never read from (or written to) a HF config.json.
-RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens", "decode_attention")
+RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens", "decode_attention", "fp8",
+                  "fp8_scale_fmt")
 _ROPE_FIELDS = ("rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim")
 
@@ -80,6 +81,10 @@ class ModelConfig:
     # cached decoding: "pallas" (kernels_pallas.mla_decode), "absorb" (jnp, latent space), "naive" (decompressed
     # per-head K/V), or "auto": pallas on GPU/TPU, absorb on CPU
     decode_attention: str = "auto"
+    # FP8 training (V3 sec. 3.3): linear layers and experts as FP8 GEMMs with 1x128 / 128x128 block scales; embedding,
+    # head, router, norms and attention core stay high precision. Scales: "fp32" (amax / 448) or "ue8m0" (powers of 2)
+    fp8: bool = False
+    fp8_scale_fmt: str = "fp32"
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -100,6 +105,8 @@ class ModelConfig:
         need(self.moe_impl in ("auto", "ragged", "tiled"), "moe_impl", "choose auto, ragged or tiled")
         need(self.decode_attention in ("auto", "pallas", "absorb", "naive"), "decode_attention",
              "choose auto, pallas, absorb or naive")
+        need(isinstance(self.fp8, bool), "fp8", "must be True or False")
+        need(self.fp8_scale_fmt in ("fp32", "ue8m0"), "fp8_scale_fmt", "choose fp32 or ue8m0")
         need(self.attention_chunk >= 0 and self.moe_chunk_tokens >= 0, "attention_chunk",
              "attention_chunk and moe_chunk_tokens must be >= 0 (0 = no chunking)")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",

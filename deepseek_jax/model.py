@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.mla import MLA, LatentCache
@@ -48,7 +49,7 @@ class Block(nn.Module):
         if self.moe:
             ffn = MoE(cfg, dtype, name="mlp")
         else:
-            ffn = MLP(cfg.intermediate_size, dtype, cfg.initializer_range, name="mlp")
+            ffn = MLP(cfg.intermediate_size, dtype, cfg.initializer_range, fp8.model_format(cfg), name="mlp")
         h = h + ffn(RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h))
         return nn.with_logical_constraint(h, ("batch", "length", None)), cache
 

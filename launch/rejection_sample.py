@@ -21,7 +21,6 @@ from deepseek_jax.checkpoint import CheckpointError, load_run
 from deepseek_jax.data import run_tokenizer
 from deepseek_jax.rl.rejection import rejection_sample, write_jsonl
 from deepseek_jax.rl.tasks import make_task
-from deepseek_jax.rl.trainer import encode_stop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg, params, tokenizer, task, problems, args.n, key=jax.random.key(args.seed),
         max_prompt_tokens=rl.get("max_prompt_tokens", 128),
         max_new_tokens=args.max_new_tokens or rl.get("max_new_tokens", 64), temperature=args.temperature,
-        top_p=args.top_p, stop=[encode_stop(tokenizer, s) for s in rl.get("stop", ["</answer>"])])
+        top_p=args.top_p, stop=rl.get("stop", ["</answer>"]))
     write_jsonl(examples, args.out)
     print(f"step {step} of {args.workdir}: kept {counts['kept']} of {counts['sampled']} samples; "
           f"{counts['prompts_solved']}/{len(problems)} problems solved at least once; wrote {args.out} "

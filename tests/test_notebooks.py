@@ -3,6 +3,7 @@
 import os
 
 import nbformat
+import numpy as np
 from nbclient import NotebookClient
 
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
@@ -29,3 +30,14 @@ def test_inference_notebook_runs(tmp_path, monkeypatch):
     rate = float(text.split("acceptance rate ")[1].split("%")[0])
     assert rate > 20.0, rate  # the trained MTP module's drafts are often right
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_r1_zero_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "03_r1_zero_countdown.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "0 0  \"<think> </think> <answer> __import__" in text  # a hostile answer scores 0, no exception
+    first, last = (float(x) for x in text.split("reward ")[-1].split(";")[0].split(" -> "))
+    assert np.isfinite(first) and np.isfinite(last)
+    assert "student SFT loss" in text and "'kept':" in text

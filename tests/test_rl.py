@@ -15,7 +15,7 @@ import deepseek_jax as dsj
 from configs import countdown_r1zero, tiny
 from deepseek_jax.data.sft import make_sft_iterator
 from deepseek_jax.rl.rejection import rejection_sample
-from deepseek_jax.rl.rollout import layout, token_logprobs
+from deepseek_jax.rl.rollout import cut_at_stop, layout, token_logprobs
 from deepseek_jax.rl.trainer import run_grpo
 from deepseek_jax.train.losses import cross_entropy_sum
 from deepseek_jax.train.step import loss_terms
@@ -86,6 +86,14 @@ def test_layout_masks_exactly_the_completion_targets():
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])  # t predicts token t+1
 
 
+def test_completions_end_at_the_first_stop_string():
+    """However the stop string was tokenized inside the text, the completion ends right after it."""
+    tok = CharTokenizer()
+    ids = np.asarray(tok.encode("12 </answer> 34 </answer>"))
+    assert tok.decode(ids[:cut_at_stop(tok, ids, ["</answer>"])]) == "12 </answer>"
+    assert cut_at_stop(tok, ids, ["</think>"]) == len(ids)
+
+
 def test_sft_loss_covers_only_the_response(tmp_path):
     tok = CharTokenizer()
     path = tmp_path / "sft.jsonl"
@@ -136,7 +144,7 @@ def test_countdown_chain_through_launch_train(tmp_path):
     for stage in (config.base, config.grpo):
         stage.model.update(small)
     config.base.update(steps=4, log_every=2, eval_every=4, checkpoint_every=4)
-    config.base.data.update(source="synthetic:arithmetic:200", seq_len=64, batch_size=4)
+    config.base.data.update(source="synthetic:arithmetic:200", seq_len=64, batch_size=8)
     config.grpo.update(steps=2, log_every=1, checkpoint_every=2)
     config.grpo.rl.update(group_size=2, prompts_per_step=2, max_new_tokens=8, eval_every=2, eval_problems=4,
                           samples_every=1)
@@ -146,7 +154,7 @@ def test_countdown_chain_through_launch_train(tmp_path):
         assert key in metrics[-1], key
     assert "eval_accuracy" in metrics[-1]
     samples = [json.loads(line) for line in open(tmp_path / "grpo" / "samples.jsonl")]
-    assert len(samples) == 2 * 2 * 2 and samples[0]["prompt"].startswith("Make ")
+    assert len(samples) == 2 * 2 * 2 and samples[0]["prompt"].startswith("Combine ")
     grpo_config = json.load(open(tmp_path / "grpo" / "config.json"))
     assert grpo_config["init_from"] == str(tmp_path / "base") and grpo_config["model"]["hidden_size"] == 64
     assert os.path.exists(tmp_path / "grpo" / "tokenizer.model")

@@ -202,9 +202,20 @@ def test_corpus_contains_the_tags_in_format(corpus):
         assert format_reward(block) == 1.0
         value = evaluate_expression(expression)
         assert value is not None and value.denominator == 1 and value >= 0
-        assert block.endswith(f"<answer> {value} </answer>")
+        assert block.endswith((f"<answer> {value} </answer>", f"<answer> {expression} = {value} </answer>"))
         assert all(1 <= int(x) <= 100 for x in re.findall(r"\d+", expression))  # operands in [1, 100]
         assert 2 <= len(re.findall(r"\d+", expression)) <= 4
+
+
+def test_corpus_combine_lines_use_the_listed_numbers(corpus):
+    """"Combine 8, 11 and 7: 7 * (11 + 8) = 133": the listed numbers are the expression's, and the value is right."""
+    text = "\n\n".join(corpus)
+    found = re.findall(r"^Combine ([\d, and]+?)(?::|\.\n<think>.*?<answer>) (.+?) = (\d+)(?:\.| </answer>)$", text,
+                       flags=re.M)
+    assert len(found) > 200
+    for listed, expression, value in found:
+        assert sorted(re.findall(r"\d+", listed)) == sorted(re.findall(r"\d+", expression))
+        assert evaluate_expression(expression) == int(value)
 
 
 def _countdown_phrases() -> set[str]:

@@ -1,7 +1,8 @@
 """SentencePiece tokenizer: load a given `.model`, or train a BPE model once and cache it.
 
 Trained models have fixed special ids pad=0, unk=1, bos=2, eos=3 and byte fallback, so any
-UTF-8 text encodes and `decode(encode(s)) == s` (identity normalization, no dummy prefix).
+UTF-8 text encodes and `decode(encode(s)) == s` (identity normalization, no dummy prefix). R1's
+<think>, </think>, <answer>, </answer> tags are single pieces, so a stop string is one token.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TRAINER_OPTIONS = dict(
     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
     allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9995,
     max_sentence_length=1 << 16, shuffle_input_sentence=False, num_threads=4,
+    user_defined_symbols=["<think>", "</think>", "<answer>", "</answer>"],  # R1's tags: one token wherever they are
 )
 
 

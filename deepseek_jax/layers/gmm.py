@@ -5,12 +5,22 @@ dense product per group (cost grows with the number of groups), so `tiled` is th
 each group is padded to whole row tiles, every tile belongs to one group, and one batched
 matmul runs over the tiles (megablox's tiling). Its cost follows the real row count:
 at most rows + groups * (tile - 1) padded rows.
+
+FP8 experts (V3 sec. 3.3): `fp8_grouped_matmul` is fp8.fp8_matmul per expert, 128x128 blocks of each expert's
+weight, rows in 1x128 tiles. Fprop and Dgrad are the grouped block-scaled GEMM (the Pallas kernel on GPUs; per
+K block a ragged or tiled FP8 product, scaled, elsewhere). Wgrad pads each expert's rows to whole 128-row tiles,
+so every 128x1 tile of x^T and dy belongs to one expert, and adds each tile's scaled product into its expert.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax import fp8
+from kernels_pallas.fp8_gemm import check_operands, column_scales, fp8_gemm_grouped
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -28,17 +38,20 @@ def default_tile(rows: int, groups: int) -> int:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str = "auto",
-                   tile: int | None = None) -> jax.Array:
+                   tile: int | None = None, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
     """x [rows, k] sorted by group, w [groups, k, n], group_sizes [groups] -> [rows, n].
 
     Rows past sum(group_sizes) belong to no group and give zeros, as in ragged_dot."""
     if resolve_impl(impl) == "ragged":
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    return _tiled_grouped_matmul(x, w, group_sizes, tile or default_tile(x.shape[0], w.shape[0]))
+        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=preferred_element_type)
+    return _tiled_grouped_matmul(x, w, group_sizes, tile or default_tile(x.shape[0], w.shape[0]),
+                                 preferred_element_type)
 
 
-def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
-    rows, groups = x.shape[0], w.shape[0]
+def tile_layout(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, int, jax.Array]:
+    """Rows sorted by group, each group padded to whole tiles: (each row's slot [rows], the static tile count,
+    each tile's group [tiles]). Rows past sum(group_sizes) get the slot tiles * tile (dropped)."""
+    groups = group_sizes.shape[0]
     n_tiles = (rows + groups * (tile - 1)) // tile  # static bound on sum_g ceil(size_g / tile)
     padded = (group_sizes + tile - 1) // tile * tile
     pad_end = jnp.cumsum(padded)
@@ -46,7 +59,74 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, ti
     row_group = jnp.repeat(jnp.arange(groups), group_sizes, total_repeat_length=rows)
     in_group = jnp.arange(rows) < jnp.sum(group_sizes)
     dest = jnp.where(in_group, (pad_end - padded)[row_group] + jnp.arange(rows) - start[row_group], n_tiles * tile)
-    xp = jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x, mode="drop").reshape(n_tiles, tile, -1)
     tile_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right"), groups - 1)
-    yp = jnp.einsum("tmk,tkn->tmn", xp, w.astype(x.dtype)[tile_group])
+    return dest, n_tiles, tile_group
+
+
+def _to_tiles(x: jax.Array, dest: jax.Array, n_tiles: int, tile: int) -> jax.Array:
+    return jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
+
+
+def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int,
+                          preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    dest, n_tiles, tile_group = tile_layout(group_sizes, x.shape[0], tile)
+    xp = _to_tiles(x, dest, n_tiles, tile).reshape(n_tiles, tile, -1)
+    yp = jnp.einsum("tmk,tkn->tmn", xp, w.astype(x.dtype)[tile_group], preferred_element_type=preferred_element_type)
     return yp.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+
+
+# ---- FP8 experts -----------------------------------------------------------------------------------------------
+
+
+def fp8_grouped_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, group_sizes: jax.Array,
+                     out_dtype: jnp.dtype = jnp.float32, impl: str = "auto") -> jax.Array:
+    """The grouped block-scaled FP8 GEMM, operands as kernels_pallas.fp8_gemm.fp8_gemm_grouped -> [rows, N].
+
+    impl: "pallas" (the kernel; interpreted on CPU), "ragged" / "tiled" (per 128-wide K block an FP8 grouped
+    product into FP32, times a's row scales and each row's expert's b scales), or "auto": the kernel on CUDA
+    GPUs with FP8 tensor cores (fp8.resolve_gemm), else ragged on TPU and tiled on CPU."""
+    if impl == "pallas" or (impl == "auto" and fp8.resolve_gemm("auto") == "pallas"):
+        return fp8_gemm_grouped(a_q, a_s, b_q, b_s, group_sizes, out_dtype)
+    return _fp8_grouped_xla(a_q, a_s, b_q, b_s, group_sizes, out_dtype=out_dtype, impl=resolve_impl(impl))
+
+
+def _fp8_grouped_xla(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype, impl: str) -> jax.Array:
+    groups = group_sizes.shape[0]
+    m, _, n = check_operands(a_q, a_s, b_q, b_s, groups=groups)
+    b_cols = column_scales(b_s, n)  # [G, K/128, N]
+    row_group = jnp.repeat(jnp.arange(groups), group_sizes, total_repeat_length=m)
+    out = jnp.zeros((m, n), jnp.float32)
+    for kb in range(a_s.shape[1]):
+        cols = slice(kb * fp8.BLOCK, (kb + 1) * fp8.BLOCK)
+        part = grouped_matmul(a_q[:, cols], b_q[:, cols], group_sizes, impl, preferred_element_type=jnp.float32)
+        out = out + part * a_s[:, kb, None] * b_cols[row_group, kb]
+    return out.astype(out_dtype)
+
+
+def _grouped_fprop(xq, xs, wq, ws, group_sizes, out_dtype, impl):
+    return fp8_grouped_gemm(xq, xs, wq, ws, group_sizes, out_dtype, impl)
+
+
+def grouped_wgrad(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, scale_fmt: str = "fp32") -> jax.Array:
+    """dW[g] = x_g^T dy_g [groups, K, N], in FP8: each expert's rows padded to 128-row tiles, x^T and dy quantized
+    in 128x1 tiles along the rows, each tile's scaled FP32 product added into its expert."""
+    dest, n_tiles, tile_group = tile_layout(group_sizes, x.shape[0], fp8.BLOCK)
+    a_q, a_s = fp8.quantize_activations(_to_tiles(x, dest, n_tiles, fp8.BLOCK).T, scale_fmt=scale_fmt)
+    b_q, b_s = fp8.quantize_activations(_to_tiles(dy, dest, n_tiles, fp8.BLOCK).T, scale_fmt=scale_fmt)
+    return fp8.gemm_xla(a_q, a_s, b_q.T, b_s.T, k_groups=tile_group, groups=group_sizes.shape[0])
+
+
+@functools.cache
+def grouped_gemms(impl: str = "auto") -> fp8.Gemms:
+    return fp8.Gemms(functools.partial(_grouped_fprop, impl=impl), grouped_wgrad)
+
+
+def fp8_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, w_scale: jax.Array | None = None, *,
+                       scale_fmt: str = "fp32", impl: str = "auto") -> jax.Array:
+    """x [rows, K] sorted by group times w [groups, K, N] -> [rows, N] in x's dtype, in FP8 (V3 sec. 3.3).
+
+    Differentiable (Fprop, Dgrad and Wgrad in FP8). w_scale [groups, ceil(K/128), ceil(N/128)]: w holds E4M3
+    codes already (an FP8 checkpoint), used as they are. Rows past sum(group_sizes) give zeros."""
+    if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fp8_grouped_matmul: x {x.shape} [rows, K] and w {w.shape} [groups, K, N] do not match")
+    return fp8.fp8_linear(x, w, w_scale, group_sizes.astype(jnp.int32), grouped_gemms(impl), scale_fmt)

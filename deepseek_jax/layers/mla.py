@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.fp8 import stored_weight
+from deepseek_jax.fp8 import fp8_matmul, model_format, stored_scales, stored_weight
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
@@ -109,7 +109,7 @@ class MLA(nn.Module):
         [batch, length] and the keys are the cache's first mask.shape[-1] slots. Returns (out, cache)."""
         cfg = self.cfg
         heads, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        kw = dict(dtype=self.dtype, init_std=cfg.initializer_range)
+        kw = dict(dtype=self.dtype, init_std=cfg.initializer_range, fp8=model_format(cfg))
         norm = dict(eps=1e-6)  # the latent norms use 1e-6 whatever rms_norm_eps says, as released
 
         if cfg.q_lora_rank:
@@ -123,10 +123,10 @@ class MLA(nn.Module):
         kv = Linear(cfg.kv_lora_rank + rope, ("embed", "kv_lora"), name="kv_a", **kw)(x)
         c_kv = RMSNorm(**norm, axis_name="kv_lora", name="kv_a_norm")(kv[..., :cfg.kv_lora_rank])
         k_rope = apply_rope(kv[..., None, cfg.kv_lora_rank:], cos, sin)[..., 0, :]
-        wkv_b = self.param("wkv_b", nn.with_logical_partitioning(
+        wkv_param = self.param("wkv_b", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.initializer_range), ("kv_lora", "heads", "head_dim")),
             (cfg.kv_lora_rank, heads, nope + dv), jnp.float32)
-        wkv_b = stored_weight(self, "wkv_b", wkv_b).astype(self.dtype)
+        wkv_b = stored_weight(self, "wkv_b", wkv_param).astype(self.dtype)
         w_uk, w_uv = wkv_b[..., :nope], wkv_b[..., nope:]
         out_proj = Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)
 
@@ -152,7 +152,12 @@ class MLA(nn.Module):
                 out_latent = attend((q_latent, q_rope), (c_kv, k_rope), c_kv, mask, scale, chunk)
             out = jnp.einsum("bthc,chd->bthd", out_latent, w_uv)
         else:
-            k_nope = jnp.einsum("bsc,chd->bshd", c_kv, w_uk)
-            v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
+            if kw["fp8"]:  # W_UKV as the FP8 linear layer it is (kv_b_proj), its output split into k_C and v
+                kv_up = fp8_matmul(c_kv, wkv_param.reshape(cfg.kv_lora_rank, -1), stored_scales(self, "wkv_b"),
+                                   scale_fmt=kw["fp8"]).reshape(*c_kv.shape[:-1], heads, nope + dv)
+                k_nope, v = kv_up[..., :nope], kv_up[..., nope:]
+            else:
+                k_nope = jnp.einsum("bsc,chd->bshd", c_kv, w_uk)
+                v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             out = attend((q_nope, q_rope), (k_nope, k_rope), v, mask, scale, chunk)
         return out_proj(out), cache

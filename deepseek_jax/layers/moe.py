@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.fp8 import stored_weight
+from deepseek_jax.fp8 import model_format, stored_scales, stored_weight
 from deepseek_jax.layers.ep import combine, expert_axis_size, expert_parallel, sort_by_expert
-from deepseek_jax.layers.gmm import grouped_matmul, resolve_impl
+from deepseek_jax.layers.gmm import fp8_grouped_matmul, grouped_matmul, resolve_impl
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.mlp import MLP
 
@@ -100,7 +100,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed SwiGLU experts, run as grouped matmuls over tokens sorted by expert (no dropping)."""
+    """Routed SwiGLU experts, run as grouped matmuls over tokens sorted by expert (no dropping); in FP8 with
+    cfg.fp8, per-expert 128x128 weight blocks (an FP8 checkpoint's own codes and scales where kept)."""
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
@@ -116,26 +117,35 @@ class Experts(nn.Module):
         up = self.param("up", nn.with_logical_partitioning(init, w_in), (n_exp, d, f), jnp.float32)
         down = self.param("down", nn.with_logical_partitioning(init, ("experts", "mlp", "embed")),
                           (n_exp, f, d), jnp.float32)
-        gate, up, down = (stored_weight(self, k, w, lead=1) for k, w in (("gate", gate), ("up", up), ("down", down)))
+        names, fp8 = ("gate", "up", "down"), model_format(cfg)
+        if fp8:  # the weights as they are, plus the block scales of E4M3 codes kept from a checkpoint
+            params = (gate, up, down, *(s for s in map(functools.partial(stored_scales, self), names) if s is not None))
+        else:
+            params = tuple(stored_weight(self, k, w, lead=1) for k, w in zip(names, (gate, up, down), strict=True))
 
-        ffn = functools.partial(expert_ffn, dtype=self.dtype, impl=cfg.moe_impl)
+        ffn = functools.partial(expert_ffn, dtype=self.dtype, impl=cfg.moe_impl, fp8=fp8)
         if expert_axis_size() > 1:
             ragged = resolve_impl(cfg.moe_impl) == "ragged"
-            return expert_parallel(ffn, x, weights, idx, (gate, up, down), ragged=ragged,
-                                   chunk=cfg.moe_chunk_tokens)
+            return expert_parallel(ffn, x, weights, idx, params, ragged=ragged, chunk=cfg.moe_chunk_tokens)
         order, expert, token = sort_by_expert(idx)
-        ys = ffn(x[token], jnp.bincount(expert, length=n_exp).astype(jnp.int32), gate, up, down)
+        ys = ffn(x[token], jnp.bincount(expert, length=n_exp).astype(jnp.int32), *params)
         return combine(ys, weights, order, token, x)
 
 
-def expert_ffn(xs: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *,
-               dtype: jnp.dtype, impl: str) -> jax.Array:
-    """SwiGLU of each expert on its rows: xs [rows, embed] sorted by expert, sizes [experts]."""
-    def gmm(a, w):
+def expert_ffn(xs: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+               *scales: jax.Array, dtype: jnp.dtype, impl: str, fp8: str | None = None) -> jax.Array:
+    """SwiGLU of each expert on its rows: xs [rows, embed] sorted by expert, sizes [experts].
+
+    fp8: a scale format runs the three grouped matmuls in FP8; `scales` (gate, up, down) [experts, in/128,
+    out/128] then mark the weights as E4M3 codes of a checkpoint."""
+    def gmm(a, w, scale=None):
+        if fp8:
+            return fp8_grouped_matmul(a, w, sizes, scale, scale_fmt=fp8, impl=impl)
         return grouped_matmul(a, w.astype(dtype), sizes, impl=impl)
 
+    s_gate, s_up, s_down = scales or (None, None, None)
     xs = xs.astype(dtype)
-    return gmm(nn.silu(gmm(xs, gate)) * gmm(xs, up), down)
+    return gmm(nn.silu(gmm(xs, gate, s_gate)) * gmm(xs, up, s_up), down, s_down)
 
 
 class MoE(nn.Module):
@@ -153,5 +163,5 @@ class MoE(nn.Module):
             x.reshape(-1, x.shape[-1]), weights.reshape(-1, k), idx.reshape(-1, k)).reshape(x.shape)
         if cfg.n_shared_experts:
             y = y + MLP(cfg.n_shared_experts * cfg.moe_intermediate_size, self.dtype, cfg.initializer_range,
-                        name="shared")(x)
+                        model_format(cfg), name="shared")(x)
         return y

@@ -16,7 +16,7 @@ from deepseek_jax.rl.rollout import sample
 
 def rejection_sample(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, problems: Sequence[Any], n: int, *,
                      key: jax.Array, max_prompt_tokens: int, max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, stop: Sequence[Sequence[int]] = (), batch_prompts: int = 16,
+                     top_p: float = 1.0, stop: Sequence[str] = (), batch_prompts: int = 16,
                      threshold: float = 1.0) -> tuple[list[dict], dict]:
     """Examples whose every reward is >= threshold (accuracy and format: both 1), at most one per distinct
     completion of a prompt; and counts {"sampled", "kept", "prompts_solved"}."""

@@ -76,9 +76,9 @@ def layout(prompts: Sequence[Sequence[int]], completions: np.ndarray, n_generate
 
 def sample(cfg: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str], *, max_prompt_tokens: int,
            max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
-           stop: Sequence[Sequence[int]] = (), chat: bool = False) -> tuple[list[list[int]], Any, list[str]]:
+           stop: Sequence[str] = (), chat: bool = False) -> tuple[list[list[int]], Any, list[str]]:
     """Complete each prompt once in one batch: (prompt ids, the engine's Completion, completion texts without
-    EOS). Stops at EOS or a stop sequence."""
+    EOS). A completion ends at EOS or after the first stop string."""
     ids = [encode_prompt(tokenizer, p, max_prompt_tokens, chat) for p in prompts]
     pad = max(tokenizer.pad_id, 0)
     batch = np.full((len(ids), max_prompt_tokens), pad, np.int32)
@@ -86,14 +86,32 @@ def sample(cfg: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str]
         batch[row, :len(x)] = x
     eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
     out = engine.complete(cfg, params, batch, max_new_tokens, temperature, top_p, key, lengths=[len(x) for x in ids],
-                          eos_id=eos, stop=stop, pad_id=pad)
-    texts = [tokenizer.decode([t for t in out.completions[r, :n] if t != eos]) for r, n in enumerate(out.num_generated)]
+                          eos_id=eos, stop=[encode_stop(tokenizer, s) for s in stop], pad_id=pad)
+    counts = [cut_at_stop(tokenizer, out.completions[r, :n], stop) for r, n in enumerate(out.num_generated)]
+    out = out._replace(num_generated=np.asarray(counts, np.int32))
+    texts = [tokenizer.decode([t for t in out.completions[r, :n] if t != eos]) for r, n in enumerate(counts)]
     return ids, out, texts
+
+
+def encode_stop(tokenizer: Any, text: str) -> list[int]:
+    """A stop string as token ids (the decode loop stops on them; `cut_at_stop` catches other tokenizations)."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError(f"stop string {text!r} encodes to no tokens")
+    return ids
+
+
+def cut_at_stop(tokenizer: Any, ids: np.ndarray, stop: Sequence[str]) -> int:
+    """The number of tokens up to the first whose text completes a stop string (all of them if none does): a
+    stop string may be tokenized differently inside text than on its own."""
+    if not stop or not any(s in tokenizer.decode(ids) for s in stop):
+        return len(ids)
+    return next(n for n in range(1, len(ids) + 1) if any(s in tokenizer.decode(ids[:n]) for s in stop))
 
 
 def collect(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, problems: Sequence[Problem], *,
             group_size: int, max_prompt_tokens: int, max_new_tokens: int, temperature: float, top_p: float,
-            key: jax.Array, reward_weights: dict[str, float], stop: Sequence[Sequence[int]] = (),
+            key: jax.Array, reward_weights: dict[str, float], stop: Sequence[str] = (),
             chat: bool = False) -> Rollout:
     """Sample `group_size` completions of each problem (through the compiled decode loop), score them with the
     task's rewards and standardize the rewards within each group."""

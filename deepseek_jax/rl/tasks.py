@@ -67,7 +67,7 @@ class Problem:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt templates: TEMPLATES[template name][task name] is a str.format string.
-#   countdown fields: numbers ("[3, 7, 25]"), numbers_plain ("3 7 25"), target
+#   countdown fields: numbers ("[3, 7, 25]"), numbers_plain ("3 7 25"), numbers_listed ("3, 7 and 25"), target
 #   arithmetic fields: expression ("123 * 45")
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -92,6 +92,10 @@ TEMPLATES: dict[str, dict[str, str]] = {
     },
     "compact": {
         "countdown": "Make {target} from {numbers_plain} with + - * /, each once.\n" + THINK_OPEN,
+        "arithmetic": "Compute {expression}.\n" + THINK_OPEN,
+    },
+    "combine": {  # the wording of the synthetic corpus's "Combine 3, 7 and 25." examples, plus the target
+        "countdown": "Combine {numbers_listed} to reach {target}, each number once.\n" + THINK_OPEN,
         "arithmetic": "Compute {expression}.\n" + THINK_OPEN,
     },
 }
@@ -282,8 +286,10 @@ class Countdown(_Task):
             expression, target = built
             if countdown_accuracy(f"<answer>{expression}</answer>", numbers, target) != 1.0:  # belt and braces
                 continue
+            listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
             prompt = self._prompt_format.format(numbers="[" + ", ".join(map(str, numbers)) + "]",
-                                                numbers_plain=" ".join(map(str, numbers)), target=target)
+                                                numbers_plain=" ".join(map(str, numbers)), numbers_listed=listed,
+                                                target=target)
             return Problem(prompt=prompt, reward_args={"numbers": list(numbers), "target": target},
                            answer=expression, key=(tuple(sorted(numbers)), target))
         raise RuntimeError(f"countdown: no problem found in {_MAX_ATTEMPTS} tries; are the settings satisfiable?")
@@ -455,6 +461,35 @@ def _section_worked_example(rng: random.Random) -> str:
     return f"{question}\n<think> {think} </think>{sep}<answer> {answer} </answer>"
 
 
+def _small_expression(rng: random.Random, operands: int) -> _Node:
+    """Operands in [1, 12] joined left to right by + - * / with every result a non-negative integer."""
+    node = _leaf(rng.randint(1, 12))
+    for _ in range(operands - 1):
+        n = rng.randint(1, 12)
+        ops = ["+", "*"] + (["-"] if node.value >= n else []) + (["/"] if node.value % n == 0 else [])
+        op = rng.choice(ops)
+        value = {"+": node.value + n, "-": node.value - n, "*": node.value * n, "/": node.value // max(n, 1)}[op]
+        in_front = rng.random() < 0.3 and op in "+*"  # commutative: either side
+        node = _join(_leaf(n), op, node, value) if in_front else _join(node, op, _leaf(n), value)
+    return node
+
+
+def _section_combine(rng: random.Random) -> str:
+    """Small numbers, listed in a shuffled order, combined into an expression and evaluated (plain or worked)."""
+    lines = []
+    for _ in range(rng.randint(2, 5)):
+        node = _small_expression(rng, rng.randint(2, 3))
+        numbers = [int(t) for t in node.text.replace("(", " ").replace(")", " ").split() if t.isdigit()]
+        rng.shuffle(numbers)
+        listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+        if rng.random() < 0.5:
+            lines.append(f"Combine {listed}: {node.text} = {node.value}.")
+        else:
+            think = " ".join(_narrated_steps(node.steps))
+            lines.append(f"Combine {listed}.\n<think> {think} </think> <answer> {node.text} = {node.value} </answer>")
+    return "\n".join(lines)
+
+
 def _section_table(rng: random.Random) -> str:
     n = rng.randint(2, 12)
     start = rng.randint(1, 6)
@@ -462,8 +497,8 @@ def _section_table(rng: random.Random) -> str:
 
 
 _SECTIONS: tuple[tuple[Callable[[random.Random], str], int], ...] = (
-    (_section_facts, 3), (_section_sentences, 2), (_section_evaluation, 3), (_section_worked_example, 3),
-    (_section_table, 1),
+    (_section_facts, 2), (_section_sentences, 1), (_section_evaluation, 2), (_section_worked_example, 2),
+    (_section_table, 1), (_section_combine, 8),
 )
 _TITLES = ("Arithmetic practice", "Worked examples", "Notes on arithmetic", "Exercises with answers",
            "Mental math", "Step by step")

@@ -88,7 +88,7 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
     replay = bool(rl.routing_replay) and bool(cfg.n_routed_experts)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     tx, schedule = make_optimizer(config.optim, config.steps * rl.mu)
-    stop = [encode_stop(tokenizer, s) for s in rl.stop]
+    stop = list(rl.stop)
     weights = dict(rl.reward_weights)
     eval_set = task.eval_problems()[:rl.eval_problems]
 
@@ -188,17 +188,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
 def evaluate(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, problems: list, rl: Any) -> float:
     """Greedy accuracy on held-out problems (one compiled batch)."""
     _, _, texts = sample(cfg, params, tokenizer, [p.prompt for p in problems], max_prompt_tokens=rl.max_prompt_tokens,
-                         max_new_tokens=rl.max_new_tokens, stop=[encode_stop(tokenizer, s) for s in rl.stop],
-                         chat=rl.chat)
+                         max_new_tokens=rl.max_new_tokens, stop=list(rl.stop), chat=rl.chat)
     return float(np.mean([task.score(p, t)["accuracy"] for p, t in zip(problems, texts, strict=True)]))
-
-
-def encode_stop(tokenizer: Any, text: str) -> list[int]:
-    """A stop string as the token ids the model emits for it mid-text."""
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise ValueError(f"stop string {text!r} encodes to no tokens")
-    return ids
 
 
 def write_samples(workdir: str, step: int, problems: list, rollout: Rollout, group: int) -> None:

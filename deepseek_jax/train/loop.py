@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, CheckpointError
+from deepseek_jax.config import ConfigError
 from deepseek_jax.data import make_iterator
 from deepseek_jax.data.sft import make_sft_iterator
+from deepseek_jax.layers.ep import BATCH_AXES
 from deepseek_jax.metrics import MetricsWriter, flops_per_token, mfu, peak_flops, read_metrics
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.train.optimizer import make_optimizer
@@ -34,6 +36,11 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     workdir = os.path.abspath(workdir)
     cfg, tokenizer = prepare(config, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict())
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if config.data.batch_size % (shards * config.grad_accum):
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide by the {shards} batch shards "
+                          f"of the mesh {dict(mesh.shape)} (x grad_accum={config.grad_accum}); change data.batch_size "
+                          "or the mesh")
     iterator = functools.partial(make_sft_iterator, chat=config.sft.chat) if config.stage == "sft" else make_iterator
     data = functools.partial(iterator, config.data.source, tokenizer, seq_len=config.data.seq_len,
                              global_batch_size=config.data.batch_size, seed=config.seed,

@@ -2,10 +2,13 @@
 # The GPU checks, as one short script (H200: about 5 minutes).
 #   1. the tiny config in float32 on CPU and on the accelerator: the logged losses must agree (rtol 2e-3);
 #   2. configs/small_moe.py in bf16 for a few dozen steps: tokens/s and MFU against the chip's bf16 peak;
-#   3. the MLA decode kernel (kernels_pallas/mla_decode.py): HBM GB/s next to plain XLA (on CPU: correctness only).
+#   3. the MLA decode kernel (kernels_pallas/mla_decode.py): HBM GB/s next to plain XLA (on CPU: correctness only);
+#   4. FP8: the block-scaled GEMM kernel (kernels_pallas/fp8_gemm.py) in TFLOP/s next to the bf16 dot on DeepGEMM's
+#      shapes, and small_moe trained in FP8 and in bf16 for FP8_STEPS steps (default 100): the loss-gap curve.
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (SUITE_STEPS=40 by default; PYTHON=python3;
 #        SMALL_ARGS="--config.data.batch_size=2" shrinks check 2 for a CPU dry run;
-#        MLA_ARGS="--batch 64 --context 4096" narrows check 3)
+#        MLA_ARGS="--batch 64 --context 4096" narrows check 3; FP8_GEMM_ARGS="--m 4096" and
+#        FP8_TRAIN_ARGS="--batch_size 8" narrow check 4)
 # On a machine without an accelerator both runs of check 1 use the CPU, which tests the script itself.
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_suite}}
@@ -50,3 +53,11 @@ PY
 echo "== 3. MLA decode kernel: HBM bandwidth vs plain XLA"
 $PY benchmarks/mla_decode.py ${MLA_ARGS:-} | tee "$OUT/mla_decode.log"
 tail -n 1 "$OUT/mla_decode.log" > "$OUT/mla_decode.json"
+
+FP8_STEPS=${FP8_STEPS:-100}
+echo "== 4. FP8: block-scaled GEMM kernel vs the bf16 dot; small_moe in FP8 vs bf16, $FP8_STEPS steps"
+$PY benchmarks/fp8_gemm.py --grouped ${FP8_GEMM_ARGS:-} | tee "$OUT/fp8_gemm.log"
+tail -n 1 "$OUT/fp8_gemm.log" > "$OUT/fp8_gemm.json"
+$PY benchmarks/fp8_train.py --steps "$FP8_STEPS" --log_every 10 --out "$OUT/fp8_train" ${FP8_TRAIN_ARGS:-} \
+  2>"$OUT/fp8_train.err" | tee "$OUT/fp8_train.log"
+tail -n 1 "$OUT/fp8_train.log" > "$OUT/fp8_train.json"

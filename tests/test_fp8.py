@@ -191,3 +191,13 @@ def test_config_fp8_fields_are_validated():
     with pytest.raises(ConfigError, match=r"fp8_scale_fmt='e5m2'.*fp32 or ue8m0"):
         ModelConfig(fp8_scale_fmt="e5m2")
     assert "fp8" not in ModelConfig(fp8=True).to_hf()
+
+
+def test_lowers_for_tpu_with_fp8_dot_generals():
+    """On TPU the XLA path: E4M3 operands straight into dot_general with FP32 results (TPU7x has an FP8 MXU; v5p
+    and v6e run them at their bf16 rate), for all three GEMMs."""
+    x, w = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 768), jnp.float32)
+    grad = jax.value_and_grad(lambda x, w: jnp.sum(fp8.fp8_matmul(x, w).astype(jnp.float32) ** 2), argnums=(0, 1))
+    text = jax.jit(grad).trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 3 and all("f8E4M3FN>" in d and "xf32>" in d.split("->")[-1] for d in dots), dots

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FIXTURES, tiny_config
+from jax._src.interpreters import partial_eval as pe
 from test_fp8 import np_block_gemm, np_dequantize, np_quantize_tiles
 
 import deepseek_jax as dsj
@@ -35,9 +36,8 @@ def test_linear_layers_and_experts_run_in_fp8_the_rest_stays_high_precision():
             seen["/".join(context.module.path)] = context.module.fp8
         return next_fun(*args, **kwargs)
 
-    params = dsj.init_params(cfg, jax.random.key(0))
-    with nn.intercept_methods(record):
-        dsj.DeepSeekV3(cfg).apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
+    with nn.intercept_methods(record):  # traced only
+        jax.eval_shape(dsj.DeepSeekV3(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     high = {p for p, f in seen.items() if f is None}
     assert high == {"head", "mtp_0/eh_proj", *(p for p in seen if p.endswith("router/gate"))}, high
     assert {f for p, f in seen.items() if p not in high} == {"fp32"}
@@ -76,6 +76,9 @@ def test_fp8_experts_fprop_dgrad_wgrad_match_numpy():
 
 
 def test_fp8_experts_under_expert_parallelism_equal_single_device():
+    """Each device's experts see the same rows, in the same order, as on one device, so the same FP8 tiles. (With a
+    data axis too, each data shard's rows of an expert form their own 128x1 Wgrad tiles: equal only within FP8
+    error, as Wgrad's partial sums over tokens are per device.)"""
     cfg = tiny_config(fp8=True)
     x = jax.random.normal(jax.random.key(0), (8, 12, cfg.hidden_size))
     params = nn.meta.unbox(MoE(cfg).init(jax.random.key(1), x)["params"])
@@ -86,7 +89,7 @@ def test_fp8_experts_under_expert_parallelism_equal_single_device():
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, y0), g0 = grad(params, x)
-    with jax.set_mesh(sharding.make_mesh({"data": 2, "expert": 4})):
+    with jax.set_mesh(sharding.make_mesh({"expert": 8})):
         (_, y1), g1 = grad(params, x)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
@@ -108,6 +111,7 @@ def test_fp8_checkpoint_codes_feed_the_fp8_gemm():
     assert cfg.fp8 and codes["layers_1"]["mlp"]["experts"]["gate"].dtype == jnp.float8_e4m3fn
     tokens = jnp.asarray(np.load(os.path.join(path, "reference.npz"))["tokens"])
     jaxpr = jax.make_jaxpr(lambda p: dsj.DeepSeekV3(cfg).apply({"params": p}, tokens)[0])(codes).jaxpr
+    jaxpr, _ = pe.dce_jaxpr(jaxpr, [True])  # what reaches the logits
     widened = [e for e in _eqns(jaxpr) if e.primitive.name == "convert_element_type"
                and e.invars[0].aval.dtype == jnp.float8_e4m3fn]
     assert not widened, widened[:3]

@@ -1,6 +1,7 @@
 """The notebooks run top to bottom (as CI executes them)."""
 
 import os
+import re
 
 import nbformat
 import numpy as np
@@ -37,7 +38,26 @@ def test_r1_zero_notebook_runs(tmp_path, monkeypatch):
     nb = nbformat.read(os.path.join(NOTEBOOKS, "03_r1_zero_countdown.ipynb"), as_version=4)
     NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "0 0  \"<think> </think> <answer> __import__" in text  # a hostile answer scores 0, no exception
+    assert "0 1  \"<think> </think> <answer> __import__" in text  # a hostile answer scores 0, no exception
     first, last = (float(x) for x in text.split("reward ")[-1].split(";")[0].split(" -> "))
     assert np.isfinite(first) and np.isfinite(last)
     assert "student SFT loss" in text and "'kept':" in text
+    student = float(re.findall(r"student (\d+\.\d+)", text)[-1])
+    assert student > 0.5, student  # the student learned the teacher's format from the kept samples alone
+
+
+def test_fp8_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "04_fp8_training.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    row = text.split("\n    100000   ")[1].split("\n")[0].split()  # outliers 1e5 x the ordinary channels
+    per_tensor, per_token, tile, ue8m0 = (float(v.rstrip("%")) for v in row)
+    assert per_tensor > 5 * tile and per_token > 2 * tile and tile <= ue8m0, row
+    for name in ("Fprop", "Dgrad", "Wgrad"):
+        err = float(text.split(name)[1].split("float32 ")[1].split("%")[0])
+        assert 0.5 < err < 6.0, (name, err)
+    assert float(text.split("max relative difference ")[1].split()[0]) < 1e-5
+    end = float(text.split("relative loss gap: end ")[1].split("%")[0])
+    assert end < 1.0, end
+    assert sum(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])) == 2

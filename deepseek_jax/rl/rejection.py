@@ -17,9 +17,9 @@ from deepseek_jax.rl.rollout import sample
 def rejection_sample(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, problems: Sequence[Any], n: int, *,
                      key: jax.Array, max_prompt_tokens: int, max_new_tokens: int, temperature: float = 1.0,
                      top_p: float = 1.0, stop: Sequence[str] = (), batch_prompts: int = 16,
-                     threshold: float = 1.0) -> tuple[list[dict], dict]:
-    """Examples whose every reward is >= threshold (accuracy and format: both 1), at most one per distinct
-    completion of a prompt; and counts {"sampled", "kept", "prompts_solved"}."""
+                     threshold: float = 1.0, keep_on: Sequence[str] | None = None) -> tuple[list[dict], dict]:
+    """Examples whose rewards named in `keep_on` (default: all of the task's) are all >= threshold, at most one per
+    distinct completion of a prompt; and counts {"sampled", "kept", "prompts_solved", "solve_rate"}."""
     kept, sampled, solved = [], 0, 0
     for start in range(0, len(problems), batch_prompts):
         chunk = problems[start:start + batch_prompts]
@@ -28,11 +28,15 @@ def rejection_sample(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, p
                              temperature=temperature, top_p=top_p, key=jax.random.fold_in(key, start), stop=stop)
         sampled += len(texts)
         for i, problem in enumerate(chunk):
-            good = {t for t in texts[i * n:(i + 1) * n] if min(task.score(problem, t).values()) >= threshold}
+            good = {t for t in texts[i * n:(i + 1) * n] if _passes(task.score(problem, t), keep_on, threshold)}
             solved += bool(good)
             kept += [{"prompt": problem.prompt, "response": t} for t in sorted(good)]
     return kept, {"sampled": sampled, "kept": len(kept), "prompts_solved": solved,
                   "solve_rate": solved / max(len(problems), 1)}
+
+
+def _passes(scores: dict[str, float], keep_on: Sequence[str] | None, threshold: float) -> bool:
+    return all(scores[name] >= threshold for name in (keep_on or scores))
 
 
 def write_jsonl(examples: Sequence[dict], path: str) -> None:

@@ -6,6 +6,8 @@ from collections import Counter
 
 import pytest
 
+from deepseek_jax.data.errors import DataError
+from deepseek_jax.data.sources import synthetic_documents
 from deepseek_jax.rl.rewards import THINK_OPEN, evaluate_expression, format_reward
 from deepseek_jax.rl.tasks import (
     TASKS,
@@ -222,7 +224,7 @@ def _countdown_phrases() -> set[str]:
     """The fixed wording of every countdown template (the literal text between its fields), plus the telltale
     words of the task."""
     phrases = {"using the numbers", "create an equation", "exactly once", "each once", "each number", "make ",
-               " from ", "target", "equation", "numbers ["}
+               " from ", "target", "equation", "numbers [", "reach"}
     for per_task in TEMPLATES.values():
         for literal, *_ in string.Formatter().parse(per_task["countdown"]):
             for sentence in re.split(r"[.\n]", literal):
@@ -234,7 +236,7 @@ def _countdown_phrases() -> set[str]:
 def test_corpus_never_poses_countdown(corpus):
     phrases = _countdown_phrases()
     assert "use each number exactly once" in " ".join(phrases)
-    for doc in corpus:
+    for doc in corpus + arithmetic_corpus(seed=0, n_docs=100, mix="combine"):
         lowered = doc.lower()
         assert not [ph for ph in phrases if ph in lowered], doc
         assert "[" not in doc  # no number lists at all
@@ -258,3 +260,21 @@ def test_corpus_arithmetic_is_correct(corpus):
     assert simple > 1000 and checked > 5000
     text = "\n".join(corpus)
     assert all(op in text for op in (" + ", " - ", " * ", " / "))
+
+
+def test_combine_mix_is_small_number_combinations_and_tables():
+    """synthetic:combine, the laptop-scale base corpus: only "Combine ..." lines (operands in [1, 12], each listed
+    number used once, the value right) and times tables."""
+    docs = synthetic_documents("synthetic:combine:50")
+    assert list(docs) == arithmetic_corpus(seed=0, n_docs=50, mix="combine") != arithmetic_corpus(seed=0, n_docs=50)
+    lines = [line for doc in docs for line in doc.split("\n")[1:] if line]
+    combine = [line for line in lines if line.startswith("Combine ")]
+    assert len(combine) > 300 and all(1 <= int(n) <= 12 for line in combine for n in re.findall(r"\d+", line[8:]
+                                                                                              .split(":")[0]))
+    table = re.compile(r"^(?:Multiples of \d+:|(\d+) \* (\d+) = (\d+))$")
+    other = [line for line in lines if not line.startswith(("Combine ", "<think>")) and not table.match(line)]
+    assert not other, other[:5]
+    with pytest.raises(DataError, match="synthetic:MIX"):
+        synthetic_documents("synthetic:fractions:10")
+    with pytest.raises(ValueError, match="unknown corpus mix 'x'; available: arithmetic, combine"):
+        arithmetic_corpus(0, 1, mix="x")

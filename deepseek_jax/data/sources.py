@@ -1,8 +1,8 @@
 """Document sources: the default corpus, `.txt`, `.jsonl` and `.array_record` files.
 
-A source string is "default", "synthetic:arithmetic[:N]" (generated arithmetic text), or a comma list of files,
-directories (searched recursively for supported files) and globs. Documents are numbered in that order (files sorted
-within a glob or directory), which fixes the eval hold-out and the shuffle.
+A source string is "default", "synthetic:MIX[:N]" (generated arithmetic text, MIX "arithmetic" or "combine"), or a
+comma list of files, directories (searched recursively for supported files) and globs. Documents are numbered in
+that order (files sorted within a glob or directory), which fixes the eval hold-out and the shuffle.
 
 - `.txt`: cut at blank lines into paragraphs; consecutive paragraphs are joined into documents
   of >= 2,000 characters (`corpus.paragraph_groups`). A line that is not UTF-8 is dropped.
@@ -227,13 +227,15 @@ def _supported(paths: Iterator[str]) -> list[str]:
 
 
 def synthetic_documents(source: str) -> tuple[str, ...]:
-    """"synthetic:arithmetic[:N]": N (default 2000) generated arithmetic documents (rl.tasks.arithmetic_corpus)."""
-    from deepseek_jax.rl.tasks import arithmetic_corpus
+    """"synthetic:MIX[:N]": N (default 2000) generated arithmetic documents (rl.tasks.arithmetic_corpus), MIX one of
+    rl.tasks.CORPORA ("arithmetic": the full mix; "combine": small-number combinations and times tables)."""
+    from deepseek_jax.rl.tasks import CORPORA, arithmetic_corpus
 
     _, name, *rest = source.split(":")
-    if name != "arithmetic" or len(rest) > 1 or (rest and not rest[0].isascii()) or (rest and not rest[0].isdigit()):
-        raise DataError(f"data source {source!r}: the synthetic corpus is synthetic:arithmetic[:N documents]")
-    return tuple(arithmetic_corpus(0, int(rest[0]) if rest else 2000))
+    if name not in CORPORA or len(rest) > 1 or (rest and not (rest[0].isascii() and rest[0].isdigit())):
+        raise DataError(f"data source {source!r}: a synthetic corpus is synthetic:MIX[:N documents], MIX one of "
+                        f"{', '.join(CORPORA)}")
+    return tuple(arithmetic_corpus(0, int(rest[0]) if rest else 2000, name))
 
 
 def open_source(source: str, stats: DataStats) -> DocumentStore:

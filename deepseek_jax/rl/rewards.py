@@ -117,7 +117,8 @@ def tokenize_expression(expr: str) -> list[int | str] | None:
     return tokens
 
 
-def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+def apply_op(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+    """a op b exactly; None for a division by zero or a result beyond MAX_MAGNITUDE."""
     if op == "+":
         r = a + b
     elif op == "-":
@@ -160,7 +161,7 @@ class _Parser:
             right = operand()
             if right is None:
                 return None
-            left = _apply(op, left, right)
+            left = apply_op(op, left, right)
         return left
 
     def _expr(self) -> Fraction | None:

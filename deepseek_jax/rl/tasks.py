@@ -45,8 +45,8 @@ from fractions import Fraction
 
 from deepseek_jax.rl.rewards import (
     MAX_LITERAL_DIGITS,
-    MAX_MAGNITUDE,
     THINK_OPEN,
+    apply_op,
     arithmetic_accuracy,
     countdown_accuracy,
     format_reward,
@@ -92,6 +92,10 @@ TEMPLATES: dict[str, dict[str, str]] = {
     },
     "compact": {
         "countdown": "Make {target} from {numbers_plain} with + - * /, each once.\n" + THINK_OPEN,
+        "arithmetic": "Compute {expression}.\n" + THINK_OPEN,
+    },
+    "reach": {  # the target, then a line worded as the corpus's "Combine 3, 7 and 25." examples
+        "countdown": "Reach {target}. Combine {numbers_listed}.\n" + THINK_OPEN,
         "arithmetic": "Compute {expression}.\n" + THINK_OPEN,
     },
     "combine": {  # the wording of the synthetic corpus's "Combine 3, 7 and 25." examples, plus the target
@@ -195,22 +199,6 @@ class _Task:
 _OPS = "+-*/"
 
 
-def _combine(op: str, a: Fraction, b: Fraction) -> Fraction | None:
-    if op == "+":
-        r = a + b
-    elif op == "-":
-        r = a - b
-    elif op == "*":
-        r = a * b
-    else:
-        if b == 0:
-            return None
-        r = a / b
-    if abs(r.numerator) > MAX_MAGNITUDE or r.denominator > MAX_MAGNITUDE:
-        return None
-    return r
-
-
 def _natural(v: Fraction) -> bool:
     return v.denominator == 1 and v > 0
 
@@ -232,7 +220,7 @@ def _countdown_tree(rng: random.Random, numbers: list[int], max_target: int) -> 
         fallback: list[tuple[str, Fraction, tuple, tuple]] = []
         for x, y in ((a, b), (b, a)):
             for op in _OPS:
-                v = _combine(op, x[0], y[0])
+                v = apply_op(op, x[0], y[0])
                 if v is None:
                     continue
                 if last and not (v.denominator == 1 and 1 <= v <= max_target):
@@ -496,19 +484,24 @@ def _section_table(rng: random.Random) -> str:
     return f"Multiples of {n}:\n" + "\n".join(f"{n} * {k} = {n * k}" for k in range(start, start + rng.randint(4, 8)))
 
 
-_SECTIONS: tuple[tuple[Callable[[random.Random], str], int], ...] = (
-    (_section_facts, 2), (_section_sentences, 1), (_section_evaluation, 2), (_section_worked_example, 2),
-    (_section_table, 1), (_section_combine, 8),
-)
+_Mix = tuple[tuple[Callable[[random.Random], str], int], ...]
+CORPORA: dict[str, _Mix] = {
+    # everything: multi-digit facts, evaluations, worked examples, tables, small-number combinations
+    "arithmetic": ((_section_facts, 2), (_section_sentences, 1), (_section_evaluation, 2),
+                   (_section_worked_example, 2), (_section_table, 1), (_section_combine, 8)),
+    # the laptop-scale base: small-number combinations and times tables only, which a tiny model learns to
+    # copy and evaluate in ~1000 steps (with the full mix it has not learned to copy the listed numbers by then)
+    "combine": ((_section_combine, 8), (_section_table, 1)),
+}
 _TITLES = ("Arithmetic practice", "Worked examples", "Notes on arithmetic", "Exercises with answers",
            "Mental math", "Step by step")
 
 
-def _corpus_document(rng: random.Random) -> str:
+def _corpus_document(rng: random.Random, mix: _Mix) -> str:
     budget = rng.randint(_CORPUS_MIN_CHARS, _CORPUS_MAX_CHARS - 400)
     parts = [rng.choice(_TITLES)]
     size = len(parts[0])
-    sections, weights = zip(*_SECTIONS, strict=True)
+    sections, weights = zip(*mix, strict=True)
     while size < budget:
         section = rng.choices(sections, weights)[0](rng)
         if size + 2 + len(section) > _CORPUS_MAX_CHARS:
@@ -520,7 +513,9 @@ def _corpus_document(rng: random.Random) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def arithmetic_corpus(seed: int, n_docs: int) -> list[str]:
-    """`n_docs` synthetic arithmetic documents of ~1-3k characters (see the module docstring). Document `k` depends
-    only on (seed, k), so a longer corpus extends a shorter one."""
-    return [_corpus_document(random.Random(f"arithmetic-corpus:{seed}:{k}")) for k in range(n_docs)]
+def arithmetic_corpus(seed: int, n_docs: int, mix: str = "arithmetic") -> list[str]:
+    """`n_docs` synthetic arithmetic documents of ~1-3k characters (see the module docstring), sections drawn by
+    the weights of CORPORA[mix]. Document `k` depends only on (seed, k), so a longer corpus extends a shorter one."""
+    if mix not in CORPORA:
+        raise ValueError(f"unknown corpus mix {mix!r}; available: {', '.join(CORPORA)}")
+    return [_corpus_document(random.Random(f"arithmetic-corpus:{seed}:{k}"), CORPORA[mix]) for k in range(n_docs)]

@@ -7,8 +7,11 @@ error naming the step and directory; a run never silently starts over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -133,3 +136,15 @@ def load_run(workdir: str, step: int | None = None, shardings: Any = None) -> tu
     like = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
     step, params = restore_params(os.path.join(workdir, "checkpoints"), like, step)
     return cfg, params, step
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[dict]:
+    """While open, SIGTERM (a preemption, `kill`) only sets flag["signal"]: the training loop saves its step and
+    exits cleanly instead of dying mid-step. The previous handler comes back on exit."""
+    flag: dict = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda sig, _: flag.update(signal=sig))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -39,7 +39,7 @@ def test_r1_zero_notebook_runs(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "0 1  \"<think> </think> <answer> __import__" in text  # a hostile answer scores 0, no exception
-    first, last = (float(x) for x in text.split("reward ")[-1].split(";")[0].split(" -> "))
+    first, last = (float(x) for x in re.findall(r"reward (\S+) -> (\S+);", text)[-1])
     assert np.isfinite(first) and np.isfinite(last)
     assert "student SFT loss" in text and "'kept':" in text
     student = float(re.findall(r"student (\d+\.\d+)", text)[-1])

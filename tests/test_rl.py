@@ -3,6 +3,7 @@ rejection sampling keeps only rewarded samples; the countdown chain runs end to 
 
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +50,19 @@ def test_grpo_raises_the_reward(tmp_path):
 
 
 def test_grpo_resume_is_exact(tmp_path):
-    """Stopped after step 2 and restarted, a run logs what an uninterrupted one logs (KL to a reference, MoE routes
-    replayed, mu = 2 updates per rollout)."""
+    """SIGTERM during step 2 (a preemption) ends the run after that step with a checkpoint; restarted, it logs what
+    an uninterrupted one logs (KL to a reference, MoE routes replayed, mu = 2 updates per rollout)."""
     cfg, params, tok, config = digit_setup(4, beta=0.04, mu=2)
     straight = run_grpo(cfg, params, tok, DigitTask(), config, str(tmp_path / "a"))
-    run_grpo(cfg, params, tok, DigitTask(), config, str(tmp_path / "b"), stop_at=2)
+
+    class Preempted(DigitTask):
+        def train_problem(self, i):
+            if i == config.rl.prompts_per_step:  # the first problem of step 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().train_problem(i)
+
+    stopped = run_grpo(cfg, params, tok, Preempted(), config, str(tmp_path / "b"))
+    assert [m["step"] for m in stopped] == [1, 2]
     resumed = run_grpo(cfg, params, tok, DigitTask(), config, str(tmp_path / "b"))
     strip = [{k: v for k, v in m.items() if k not in TIMING} for m in straight]
     assert [{k: v for k, v in m.items() if k not in TIMING} for m in resumed] == strip
@@ -154,7 +163,7 @@ def test_countdown_chain_through_launch_train(tmp_path):
         assert key in metrics[-1], key
     assert "eval_accuracy" in metrics[-1]
     samples = [json.loads(line) for line in open(tmp_path / "grpo" / "samples.jsonl")]
-    assert len(samples) == 2 * 2 * 2 and samples[0]["prompt"].startswith("Combine ")
+    assert len(samples) == 2 * 2 * 2 and samples[0]["prompt"].startswith("Reach ")
     grpo_config = json.load(open(tmp_path / "grpo" / "config.json"))
     assert grpo_config["init_from"] == str(tmp_path / "base") and grpo_config["model"]["hidden_size"] == 64
     assert os.path.exists(tmp_path / "grpo" / "tokenizer.model")

@@ -37,6 +37,7 @@ unavoidable for arithmetic text and harmless: the model still has to search for 
 
 from __future__ import annotations
 
+import abc
 import operator
 import random
 from collections.abc import Callable, Sequence
@@ -133,7 +134,7 @@ def _int_range(value: int | Sequence[int], name: str, low: int, high: int) -> tu
 _MAX_ATTEMPTS = 10_000  # redraws of one train problem that collides with the eval set before giving up
 
 
-class _Task:
+class _Task(abc.ABC):
     """The stream / eval-set machinery shared by the tasks. A subclass sets `name` and `_accuracy` and
     implements `_sample(rng) -> Problem`."""
 
@@ -154,8 +155,9 @@ class _Task:
     def _rng(self, stream: str, i: int, attempt: int = 0) -> random.Random:
         return random.Random(f"{self.name}:{self.seed}:{stream}:{i}:{attempt}")
 
+    @abc.abstractmethod
     def _sample(self, rng: random.Random) -> Problem:
-        raise NotImplementedError
+        """One problem drawn with `rng`."""
 
     def _build_eval(self) -> list[Problem]:
         problems: list[Problem] = []

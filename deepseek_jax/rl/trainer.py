@@ -28,7 +28,7 @@ import optax
 from tqdm import tqdm
 
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, CheckpointError
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, sigterm_flag
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.metrics import MetricsWriter, read_metrics
 from deepseek_jax.rl.grpo import grpo_loss
@@ -77,10 +77,9 @@ def train_grpo(config: Any, workdir: str) -> list[dict]:
     return run_grpo(cfg, params, tokenizer, task, config, workdir)
 
 
-def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: Any, workdir: str,
-             stop_at: int | None = None) -> list[dict]:
+def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: Any, workdir: str) -> list[dict]:
     """GRPO on `task` from `params`; config: steps, seed, log_every, checkpoint_every, keep_checkpoints, optim.*,
-    rl.*. stop_at: end (with a checkpoint) after that step, as a preemption would. Returns the logged metrics."""
+    rl.*. SIGTERM ends the run after the current step, with a checkpoint. Returns the logged metrics."""
     rl = config.rl
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -113,46 +112,49 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
         update_jit = jax.jit(functools.partial(update, cfg=cfg, tx=tx, epsilon=rl.epsilon,
                                                beta=rl.beta, loss_type=rl.loss_type), donate_argnums=0)
         key = jax.random.key(config.seed)
-        bar = tqdm(total=config.steps, initial=start, desc="grpo", dynamic_ncols=True, file=sys.stderr,
-                   disable=jax.process_index() != 0)
-        try:
-            for step in range(start + 1, config.steps + 1):
-                t0 = time.time()
-                problems = [task.train_problem((step - 1) * per_step + i) for i in range(per_step)]
-                rollout = collect(cfg, state.params, tokenizer, task, problems, group_size=group,
-                                  max_prompt_tokens=rl.max_prompt_tokens, max_new_tokens=rl.max_new_tokens,
-                                  temperature=rl.temperature, top_p=rl.top_p, key=jax.random.fold_in(key, step),
-                                  reward_weights=weights, stop=stop, chat=rl.chat)
-                batch = scored_batch(score_jit, state, rollout)
-                entropy = _masked_mean(batch.pop("entropy"), rollout.mask)
-                for _ in range(rl.mu):
-                    state, metrics = update_jit(state, batch)
-                state = state.replace(step=state.step + 1)
-                if state.ref_params is not None and rl.ref_refresh_every and step % rl.ref_refresh_every == 0:
-                    state = state.replace(ref_params=jax.tree_util.tree_map(jnp.copy, state.params))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"GRPO loss is {metrics['loss']} at step {step}; lower optim.lr")
-                metrics |= rollout_metrics(rollout) | {"entropy": entropy, "step_time_s": time.time() - t0,
-                                                       "lr": float(schedule(step * rl.mu - 1))}
-                if rl.eval_every and (step % rl.eval_every == 0 or step == config.steps):
-                    metrics["eval_accuracy"] = evaluate(cfg, state.params, tokenizer, task, eval_set, rl)
-                if step % config.log_every == 0 or step == config.steps or "eval_accuracy" in metrics:
-                    writer.write(step, metrics)
-                    bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-                if rl.samples_every and step % rl.samples_every == 0:
-                    write_samples(workdir, step, problems, rollout, group)
-                bar.update(1)
-                save = step % config.checkpoint_every == 0 or step == config.steps or step == stop_at
-                if save:
-                    ckpt.save(step, state, {"step": step}, wait=step == stop_at)
-                if step == stop_at:
-                    break
-        finally:
-            bar.close()
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
+        with sigterm_flag() as signaled:
+            bar = tqdm(total=config.steps, initial=start, desc="grpo", dynamic_ncols=True, file=sys.stderr,
+                       disable=jax.process_index() != 0)
+            try:
+                for step in range(start + 1, config.steps + 1):
+                    t0 = time.time()
+                    problems = [task.train_problem((step - 1) * per_step + i) for i in range(per_step)]
+                    rollout = collect(cfg, state.params, tokenizer, task, problems, group_size=group,
+                                      max_prompt_tokens=rl.max_prompt_tokens, max_new_tokens=rl.max_new_tokens,
+                                      temperature=rl.temperature, top_p=rl.top_p, key=jax.random.fold_in(key, step),
+                                      reward_weights=weights, stop=stop, chat=rl.chat)
+                    batch = scored_batch(score_jit, state, rollout)
+                    entropy = _masked_mean(batch.pop("entropy"), rollout.mask)
+                    for _ in range(rl.mu):
+                        state, metrics = update_jit(state, batch)
+                    state = state.replace(step=state.step + 1)
+                    if state.ref_params is not None and rl.ref_refresh_every and step % rl.ref_refresh_every == 0:
+                        state = state.replace(ref_params=jax.tree_util.tree_map(jnp.copy, state.params))
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not math.isfinite(metrics["loss"]):
+                        raise FloatingPointError(f"GRPO loss is {metrics['loss']} at step {step}; lower optim.lr")
+                    metrics |= rollout_metrics(rollout) | {"entropy": entropy, "step_time_s": time.time() - t0,
+                                                           "lr": float(schedule(step * rl.mu - 1))}
+                    if rl.eval_every and (step % rl.eval_every == 0 or step == config.steps):
+                        metrics["eval_accuracy"] = evaluate(cfg, state.params, tokenizer, task, eval_set, rl)
+                    if step % config.log_every == 0 or step == config.steps or "eval_accuracy" in metrics:
+                        writer.write(step, metrics)
+                        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                    if rl.samples_every and step % rl.samples_every == 0:
+                        write_samples(workdir, step, problems, rollout, group)
+                    bar.update(1)
+                    stopping = bool(signaled["signal"])
+                    if stopping or step % config.checkpoint_every == 0 or step == config.steps:
+                        ckpt.save(step, state, {"step": step}, wait=stopping)
+                    if signaled["signal"]:
+                        print(f"signal {signaled['signal']}: saved step {step}, exiting", file=sys.stderr)
+                    if stopping:
+                        break
+            finally:
+                bar.close()
+                ckpt.wait()
+                ckpt.close()
+                writer.close()
     return read_metrics(workdir)
 
 

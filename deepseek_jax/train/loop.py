@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -18,7 +17,7 @@ import ml_collections
 from tqdm import tqdm
 
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, CheckpointError
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, sigterm_flag
 from deepseek_jax.config import ConfigError
 from deepseek_jax.data import make_iterator
 from deepseek_jax.data.sft import make_sft_iterator
@@ -79,49 +78,47 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         step_jit = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_sh, None))
         eval_jit = jax.jit(functools.partial(eval_step, cfg=cfg))
 
-        stop = {"signal": None}
-        previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
-        tokens_per_step = config.data.batch_size * config.data.seq_len
-        last_good, t0, t0_step = start, time.time(), start
-        bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr,
-                   disable=jax.process_index() != 0)
-        try:
-            for step in range(start + 1, config.steps + 1):
-                batch = jax.tree_util.tree_map(
-                    lambda x: jax.make_array_from_process_local_data(batch_sh, x), next(train_data))
-                state, metrics = step_jit(state, batch)
-                bar.update(1)
-                log = step % config.log_every == 0 or step == config.steps
-                save = step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]
-                if log or save:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not math.isfinite(metrics["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint "
-                            f"(step {last_good}) in {ckpt.directory} is kept. Lower optim.lr or check the data.")
-                if log:
-                    elapsed = time.time() - t0
-                    tps = tokens_per_step * (step - t0_step) / max(elapsed, 1e-9)
-                    metrics |= {"tokens_per_s": tps, "mfu": mfu(tps, flops, jax.device_count(), peak),
-                                "step_time_s": elapsed / (step - t0_step)}
-                    if step % config.eval_every == 0 or step == config.steps:
-                        metrics["eval_loss"] = evaluate(eval_jit, state.params, data(split="eval"),
-                                                        config.eval_batches, batch_sh)
-                    writer.write(step, metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    t0, t0_step = time.time(), step
-                if save:
-                    ckpt.save(step, state, train_data.get_state(), wait=bool(stop["signal"]))
-                    last_good = step
-                if stop["signal"]:
-                    print(f"signal {stop['signal']}: saved step {step}, exiting", file=sys.stderr)
-                    break
-        finally:
-            bar.close()
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
-            signal.signal(signal.SIGTERM, previous)
+        with sigterm_flag() as stop:
+            tokens_per_step = config.data.batch_size * config.data.seq_len
+            last_good, t0, t0_step = start, time.time(), start
+            bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr,
+                       disable=jax.process_index() != 0)
+            try:
+                for step in range(start + 1, config.steps + 1):
+                    batch = jax.tree_util.tree_map(
+                        lambda x: jax.make_array_from_process_local_data(batch_sh, x), next(train_data))
+                    state, metrics = step_jit(state, batch)
+                    bar.update(1)
+                    log = step % config.log_every == 0 or step == config.steps
+                    save = step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]
+                    if log or save:
+                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        if not math.isfinite(metrics["loss"]):
+                            raise FloatingPointError(
+                                f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint "
+                                f"(step {last_good}) in {ckpt.directory} is kept. Lower optim.lr or check the data.")
+                    if log:
+                        elapsed = time.time() - t0
+                        tps = tokens_per_step * (step - t0_step) / max(elapsed, 1e-9)
+                        metrics |= {"tokens_per_s": tps, "mfu": mfu(tps, flops, jax.device_count(), peak),
+                                    "step_time_s": elapsed / (step - t0_step)}
+                        if step % config.eval_every == 0 or step == config.steps:
+                            metrics["eval_loss"] = evaluate(eval_jit, state.params, data(split="eval"),
+                                                            config.eval_batches, batch_sh)
+                        writer.write(step, metrics)
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                        t0, t0_step = time.time(), step
+                    if save:
+                        ckpt.save(step, state, train_data.get_state(), wait=bool(stop["signal"]))
+                        last_good = step
+                    if stop["signal"]:
+                        print(f"signal {stop['signal']}: saved step {step}, exiting", file=sys.stderr)
+                        break
+            finally:
+                bar.close()
+                ckpt.wait()
+                ckpt.close()
+                writer.close()
     return read_metrics(workdir)
 
 

@@ -72,6 +72,8 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish any save still in flight, then release the manager."""
+        self.wait()
         self.manager.close()
 
 

@@ -152,7 +152,6 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
                         break
             finally:
                 bar.close()
-                ckpt.wait()
                 ckpt.close()
                 writer.close()
     return read_metrics(workdir)

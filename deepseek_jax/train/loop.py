@@ -116,7 +116,6 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                         break
             finally:
                 bar.close()
-                ckpt.wait()
                 ckpt.close()
                 writer.close()
     return read_metrics(workdir)

@@ -21,12 +21,14 @@ setup(
         "tokenizers",
         "jinja2",
         "safetensors",
+        "tensorboardX",
         "ml_dtypes",
         "numpy",
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "matplotlib"],
+        # tensorboard: the tests read the event files with TensorBoard's own reader
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "matplotlib", "tensorboard"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

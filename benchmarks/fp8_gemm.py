@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from deepseek_jax import fp8
 from deepseek_jax.layers import gmm
@@ -48,13 +47,7 @@ def operands(m: int, n: int, k: int, groups: int | None = None, seed: int = 0):
 
 
 def seconds(f, *args, iters: int) -> float:
-    jax.block_until_ready(f(*args))  # compile and warm up
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(f, *args, reps=iters, warmup=1)
 
 
 def rel_err(got: jax.Array, want: jax.Array) -> float:

@@ -4,11 +4,13 @@
 #   2. configs/small_moe.py in bf16 for a few dozen steps: tokens/s and MFU against the chip's bf16 peak;
 #   3. the MLA decode kernel (kernels_pallas/mla_decode.py): HBM GB/s next to plain XLA (on CPU: correctness only);
 #   4. FP8: the block-scaled GEMM kernel (kernels_pallas/fp8_gemm.py) in TFLOP/s next to the bf16 dot on DeepGEMM's
-#      shapes, and small_moe trained in FP8 and in bf16 for FP8_STEPS steps (default 100): the loss-gap curve.
+#      shapes, and small_moe trained in FP8 and in bf16 for FP8_STEPS steps (default 100): the loss-gap curve;
+#   5. flash attention (kernels_pallas/flash_attention.py): forward and forward+backward time and error next to the
+#      XLA path at seq 4096, MLA head dims (192 / 128), bf16 (on CPU: correctness only).
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (SUITE_STEPS=40 by default; PYTHON=python3;
 #        SMALL_ARGS="--config.data.batch_size=2" shrinks check 2 for a CPU dry run;
 #        MLA_ARGS="--batch 64 --context 4096" narrows check 3; FP8_GEMM_ARGS="--m 4096" and
-#        FP8_TRAIN_ARGS="--batch_size 8" narrow check 4)
+#        FP8_TRAIN_ARGS="--batch_size 8" narrow check 4; FLASH_ARGS="--batch 1 --heads 8" narrows check 5)
 # On a machine without an accelerator both runs of check 1 use the CPU, which tests the script itself.
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_suite}}
@@ -61,3 +63,7 @@ tail -n 1 "$OUT/fp8_gemm.log" > "$OUT/fp8_gemm.json"
 $PY benchmarks/fp8_train.py --steps "$FP8_STEPS" --log_every 10 --out "$OUT/fp8_train" ${FP8_TRAIN_ARGS:-} \
   2>"$OUT/fp8_train.err" | tee "$OUT/fp8_train.log"
 tail -n 1 "$OUT/fp8_train.log" > "$OUT/fp8_train.json"
+
+echo "== 5. flash attention: time and error vs the XLA path at seq 4096"
+$PY benchmarks/flash_attention.py ${FLASH_ARGS:-} | tee "$OUT/flash_attention.log"
+tail -n 1 "$OUT/flash_attention.log" > "$OUT/flash_attention.json"

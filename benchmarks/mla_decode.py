@@ -16,13 +16,13 @@ import functools
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from deepseek_jax.layers.mla import attend
 from deepseek_jax.model import cache_mask
@@ -38,7 +38,8 @@ def reference(q, qr, kv, kr, lengths, scale):
     four = q.ndim == 4
     q, qr = (q, qr) if four else (q[:, None], qr[:, None])
     positions = lengths[:, None] - q.shape[1] + jnp.arange(q.shape[1])
-    out = attend((q, qr), (kv, kr), kv, cache_mask(positions, kv.shape[1]), scale)
+    out = attend(jnp.concatenate([q, qr], -1), jnp.concatenate([kv, kr], -1), kv, cache_mask(positions, kv.shape[1]),
+                 scale)
     return out if four else out[:, 0]
 
 
@@ -54,15 +55,8 @@ def inputs(batch: int, context: int, queries: int = 1, heads: int = HEADS, laten
     return q, qr, kv, kr, lengths
 
 
-def bench(fn, *args, reps: int) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def bench(fn, *args, reps: int = 5) -> float:
+    return median_seconds(fn, *args, reps=reps, warmup=3)
 
 
 def cpu_check() -> dict:

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -22,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
@@ -43,13 +43,7 @@ def all_to_all_bytes(hlo: str) -> list[int]:
 
 
 def bench(fn, *args, reps: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return median_seconds(fn, *args, reps=reps, warmup=1)
 
 
 def main() -> None:

@@ -211,6 +211,7 @@ def jax_train_step(cfg, batch: int, seq: int):
         jax.block_until_ready(compiled(params, tokens))
 
     step()  # first run: buffers, thread pools
+    step.hlo_text = compiled.as_text()  # for benchmarks/train_step_profile.py: op names to model parts
     return step, compile_s
 
 

@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.init_from = ""  # a workdir or orbax params directory to start from (fine-tuning)
     c.grad_accum = 1
+    c.ce_chunk = 0  # positions per slice of the output head + CE, each rematerialized (0 = all at once)
+    c.expert_grad_dtype = "float32"  # "bfloat16": routed-expert gradients in bf16 (half the step's largest buffer)
     c.mtp_lambda = 0.3  # V3: 0.3 for the first 10T tokens, then 0.1
     c.bias_update_speed = 1e-3  # gamma of the auxiliary-loss-free bias update; 0 turns it off
     c.model = model_fields(
@@ -40,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(source="default", tokenizer="", seq_len=128, batch_size=16))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=30, decay_start=0.5, final_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.1, clip=1.0, moment_dtype="float32"))
+        weight_decay=0.1, clip=1.0, moment_dtype="float32",
+        offload=False))  # offload: optimizer state in pinned host memory, on the device only for the update
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     c.rl = rl_fields()
     c.sft = ml_collections.ConfigDict(dict(chat=False))  # chat: render `messages` with the chat template

@@ -18,7 +18,7 @@ ROPE_TYPES = ("default", "yarn")
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 # Our own runtime choices; never read from (or written to) a HF config.json.
 RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens", "decode_attention", "fp8",
-                  "fp8_scale_fmt")
+                  "fp8_scale_fmt", "attention_impl", "unroll_layers")
 _ROPE_FIELDS = ("rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim")
 
@@ -76,6 +76,12 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"  # "none" | "full" | "dots" (rematerialization policy per block)
     attention_chunk: int = 1024  # queries per attention block, each rematerialized; 0 = all at once
+    # training / prefill attention: "pallas" (kernels_pallas.flash_attention), "xla" (jnp, query blocks of
+    # attention_chunk), or "auto": pallas on GPU/TPU, xla on CPU
+    attention_impl: str = "auto"
+    # runs of at most this many same-kind blocks are unrolled (straight-line code: no stacked residual copies, which
+    # cost small models ~15% of a CPU step); longer runs stay one nn.scan loop so compile time does not grow with depth
+    unroll_layers: int = 8
     moe_chunk_tokens: int = 0  # tokens per device per expert-parallel dispatch round; 0 = all at once
     moe_impl: str = "auto"  # "ragged": ragged_dot + ragged_all_to_all (TPU/GPU); "tiled": CPU; "auto": by backend
     # cached decoding: "pallas" (kernels_pallas.mla_decode), "absorb" (jnp, latent space), "naive" (decompressed
@@ -105,6 +111,8 @@ class ModelConfig:
         need(self.moe_impl in ("auto", "ragged", "tiled"), "moe_impl", "choose auto, ragged or tiled")
         need(self.decode_attention in ("auto", "pallas", "absorb", "naive"), "decode_attention",
              "choose auto, pallas, absorb or naive")
+        need(self.attention_impl in ("auto", "pallas", "xla"), "attention_impl", "choose auto, pallas or xla")
+        need(self.unroll_layers >= 0, "unroll_layers", "must be >= 0 (0 = always a scan loop)")
         need(isinstance(self.fp8, bool), "fp8", "must be True or False")
         need(self.fp8_scale_fmt in ("fp32", "ue8m0"), "fp8_scale_fmt", "choose fp32 or ue8m0")
         need(self.attention_chunk >= 0 and self.moe_chunk_tokens >= 0, "attention_chunk",

@@ -8,8 +8,8 @@ Counting conventions
            the matmuls only (no norms, softmax, RoPE, routing top-k, or rematerialisation), forward
            = 2 * MACs, training = 3 * forward (backward = 2 * forward).
 
-The event writer needs no TensorFlow: it writes TFRecord framing around hand-encoded `Event`
-protos (tensorflow/core/util/event.proto), readable by TensorBoard.
+TensorBoard events are written with tensorboardX (no TensorFlow): its `Event` protos in its TFRecord
+framing, one record a write, flushed and fsynced each time.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import RecordWriter
 
 from deepseek_jax.config import ModelConfig
 
@@ -240,78 +242,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
 
 
 # ---------------------------------------------------------------------------------------------
-# TFRecord + Event protobuf encoding
-# ---------------------------------------------------------------------------------------------
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # reflected Castagnoli polynomial
-        table.append(crc)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli, RFC 3720 B.4): reflected, init and final xor 0xFFFFFFFF."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord mask: ((crc >> 15) | (crc << 17)) + 0xa282ead8, mod 2^32."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """uint64 length, masked crc of the length, data, masked crc of the data (all little-endian)."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # int64 negatives as ten-byte two's complement
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    key = _varint(number << 3 | wire)
-    return key + (_varint(len(payload)) + payload if wire == 2 else payload)
-
-
-def encode_event(wall_time: float, step: int, *, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None, session_start: bool = False) -> bytes:
-    """Event{wall_time=1 double, step=2 int64, file_version=3, summary=5 Summary{value=1 Value{tag=1,
-    simple_value=2 float}}, session_log=7 SessionLog{status=1 (START=1)}}."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _field(3, 2, file_version.encode())
-    if scalars:
-        values = b"".join(_field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
-                          for tag, value in scalars.items())
-        msg += _field(5, 2, values)
-    if session_start:
-        msg += _field(7, 2, _field(1, 0, _varint(1)))
-    return msg
-
-
-# ---------------------------------------------------------------------------------------------
 # metrics writer
 # ---------------------------------------------------------------------------------------------
 
@@ -379,12 +309,11 @@ class MetricsWriter:
         if tensorboard:
             tb = os.path.join(self.workdir, "tb")
             os.makedirs(tb, exist_ok=True)
-            _EVENT_COUNTER[0] += 1
-            stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{_EVENT_COUNTER[0]}"
+            _EVENT_COUNTER[0] += 1  # zero-padded: TensorBoard reads a directory's files in name order
+            stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{_EVENT_COUNTER[0]:04d}"
             self.event_path = os.path.join(tb, f"events.out.tfevents.{stamp}")
-            self._events = open(self.event_path, "ab")
-            self._events.write(tfrecord(encode_event(time.time(), 0, file_version="brain.Event:2")))
-            self._events.flush()
+            self._events = RecordWriter(self.event_path)
+            self._event(0, file_version="brain.Event:2")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Append {"step": step, **metrics} (values as floats) and one TensorBoard event; flush both."""
@@ -398,13 +327,18 @@ class MetricsWriter:
         if self._events is not None and values:
             if not self._session_started:
                 self._start_session(int(step))
-            self._events.write(tfrecord(encode_event(time.time(), int(step), scalars=values)))
-            self._events.flush()
+            self._event(int(step), summary=Summary(value=[Summary.Value(tag=k, simple_value=v)
+                                                          for k, v in values.items()]))
+
+    def _event(self, step: int, **fields: Any) -> None:
+        """One `Event` record, flushed and fsynced: a killed run keeps every event already written."""
+        self._events.write(Event(wall_time=time.time(), step=step, **fields).SerializeToString())
+        self._events.flush()
 
     def _start_session(self, step: int) -> None:
         """SessionLog START at `step`: TensorBoard drops the events of earlier files at steps >= `step`
         (its server-side reader ignores the first START it sees, so every file opens with one)."""
-        self._events.write(tfrecord(encode_event(time.time(), step, session_start=True)))
+        self._event(step, session_log=SessionLog(status=SessionLog.START))
         self._session_started = True
 
     def truncate_after(self, step: int) -> None:
@@ -428,7 +362,6 @@ class MetricsWriter:
         self._jsonl = open(self.path, "a", encoding="utf-8")
         if self._events is not None:
             self._start_session(int(step) + 1)
-            self._events.flush()
 
     def flush(self) -> None:
         for f in (self._jsonl, self._events):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear
-from deepseek_jax.layers.mla import MLA, LatentCache
+from deepseek_jax.layers.mla import MLA, AttentionMask, LatentCache
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.moe import MoE
 from deepseek_jax.layers.norm import RMSNorm
@@ -39,7 +39,7 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
                  cache: LatentCache | None = None, positions: jax.Array | None = None):
         """h [batch, length, embed] -> (h, the layer's updated latent cache, or None without one)."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -61,11 +61,13 @@ def block_cls(cfg: ModelConfig) -> type[Block]:
 
 
 def block_stack(cfg: ModelConfig, moe: bool, count: int) -> nn.Module:
-    """`count` blocks as one nn.scan: params and caches stacked on a leading `layers` axis."""
+    """`count` blocks as one nn.scan: params and caches stacked on a leading `layers` axis (fully unrolled when
+    count <= cfg.unroll_layers)."""
     return nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0, "routes": 0},
                    split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=count,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, moe)
+                   metadata_params={nn.PARTITION_NAME: "layers"},
+                   unroll=count if count <= cfg.unroll_layers else 1)(cfg, moe)
 
 
 class MTPModule(nn.Module):
@@ -74,7 +76,7 @@ class MTPModule(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, h: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
                  cache: LatentCache | None = None, positions: jax.Array | None = None):
         """-> (h^k, RMSNorm(h^k) for the shared head, the block's updated cache or None)."""
         cfg = self.cfg
@@ -87,17 +89,14 @@ class MTPModule(nn.Module):
         return h, RMSNorm(cfg.rms_norm_eps, name="norm")(h), cache
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """Causal and within-document: [batch, 1, length, length], True where query t may see key s."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal & same_doc)[:, None]
+def attention_mask(segment_ids: jax.Array) -> AttentionMask:
+    """Causal and within-document (built per attention block, never as a [batch, 1, length, length] tensor)."""
+    return AttentionMask.causal(segment_ids)
 
 
-def cache_mask(positions: jax.Array, kv_len: int) -> jax.Array:
-    """Against a cache whose slot s holds position s: [batch, 1, length, kv_len], True where s <= position."""
-    return (jnp.arange(kv_len) <= positions[:, :, None])[:, None]
+def cache_mask(positions: jax.Array, kv_len: int) -> AttentionMask:
+    """Against a cache whose slot s holds position s: query t sees slots s <= its position, of the first kv_len."""
+    return AttentionMask.over_cache(positions, kv_len)
 
 
 class DeepSeekV3(nn.Module):
@@ -119,10 +118,12 @@ class DeepSeekV3(nn.Module):
         self.mtp = [MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers)]
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, mtp: bool = True) -> tuple[jax.Array, jax.Array | None]:
+                 segment_ids: jax.Array | None = None, mtp: bool = True,
+                 head: bool = True) -> tuple[jax.Array, jax.Array | None]:
         """tokens [batch, length] -> logits [batch, length, vocab] float32 and MTP logits
         [mtp_depth, batch, length, vocab] (module k at position i predicts t_{i+k+1}), or None (also when
-        mtp=False, which skips the MTP modules)."""
+        mtp=False, which skips the MTP modules). head=False stops before the shared output head: the same
+        outputs as normed hidden states [..., embed], for a loss that applies `head_logits` in pieces."""
         chex.assert_rank(tokens, 2)
         batch, length = tokens.shape
         if positions is None:
@@ -136,13 +137,14 @@ class DeepSeekV3(nn.Module):
         h = self._embed(tokens)
         for stack in self.layers:
             h, _ = stack(h, cos, sin, mask, None, None)
-        logits = self.head_logits(self.norm(h))
+        project = self.head_logits if head else (lambda x: x)
+        logits = project(self.norm(h))
 
         mtp_logits = []
         for k, module in enumerate(self.mtp if mtp else ()):
             ahead = jnp.roll(tokens, -(k + 1), axis=1)  # t_{i+k+1}; wrapped tail positions are masked in the loss
             h, h_norm, _ = module(h, self._embed(ahead), cos, sin, mask)
-            mtp_logits.append(self.head_logits(h_norm))
+            mtp_logits.append(project(h_norm))
         return logits, (jnp.stack(mtp_logits) if mtp_logits else None)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, caches: tuple[LatentCache, ...],
@@ -178,18 +180,24 @@ class DeepSeekV3(nn.Module):
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [batch, length, vocab] float32
-    mtp_logits: jax.Array | None  # [mtp_depth, batch, length, vocab] float32
+    logits: jax.Array  # [batch, length, vocab] float32 (head=False: normed hidden states [batch, length, embed])
+    mtp_logits: jax.Array | None  # [mtp_depth, batch, length, vocab] float32 (head=False: [..., embed])
     router_stats: Any  # {"expert_load": [...], "balance_loss": [...]} nested like the MoE params
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="head")
 def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None) -> ModelOutput:
-    """Main logits, MTP logits and per-layer router statistics in one pass (jit-compiled per config)."""
+            segment_ids: jax.Array | None = None, head: bool = True) -> ModelOutput:
+    """Main logits, MTP logits and per-layer router statistics in one pass (jit-compiled per config);
+    head=False returns the normed hidden states that `head_logits` maps to those logits."""
     (logits, mtp), stats = DeepSeekV3(cfg).apply({"params": params}, tokens, positions, segment_ids,
-                                                 mutable=["router_stats"])
+                                                 head=head, mutable=["router_stats"])
     return ModelOutput(logits, mtp, stats.get("router_stats", {}))
+
+
+def head_logits(cfg: ModelConfig, params: Any, x: jax.Array) -> jax.Array:
+    """The shared output head on normed hidden states [..., embed] -> float32 logits [..., vocab]."""
+    return DeepSeekV3(cfg).apply({"params": params}, x, method=DeepSeekV3.head_logits)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Any:

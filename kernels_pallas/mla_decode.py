@@ -26,6 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import by_platform
+
 _NEG = -1e30  # a finite -inf: rows with nothing visible keep m = _NEG, l = 0 and give zeros, never NaN
 _GPU_BLOCK_H = 32  # rows (heads x queries) per Triton program: a [32, C] f32 accumulator stays in registers
 
@@ -130,14 +132,11 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, kv_latent: jax.Array, k_r
     interpret=None interprets on CPU. block_kv: keys per block (default 64 on GPU, up to 512 on TPU; Triton wants
     powers of two >= 16, as C and R). num_splits: programs per row along the sequence (default: about two
     programs per SM, at least 4 KV blocks each)."""
-    body = functools.partial(_mla_decode, softmax_scale=softmax_scale, interpret=interpret, block_kv=block_kv,
-                             num_splits=num_splits)
-    tpu, other = functools.partial(body, family="tpu"), functools.partial(body, family="gpu")
-    # the body is chosen when lowering, for the platform lowered for (which need not be this machine's)
-    return lax.platform_dependent(q_latent, q_rope, kv_latent, k_rope, lengths, tpu=tpu, default=other)
+    body = functools.partial(_mla_decode, softmax_scale=softmax_scale, block_kv=block_kv, num_splits=num_splits)
+    return by_platform(body, interpret, q_latent, q_rope, kv_latent, k_rope, lengths)
 
 
-def _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale: float, interpret: bool | None, *,
+def _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale: float, interpret: bool, *,
                 block_kv: int | None, num_splits: int | None, family: str) -> jax.Array:
     shape = q_latent.shape
     if q_latent.ndim not in (3, 4) or q_rope.shape[:-1] != shape[:-1]:
@@ -146,7 +145,6 @@ def _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale: flo
     r, length_max = q_rope.shape[-1], kv_latent.shape[1]
     if kv_latent.shape != (batch, length_max, c) or k_rope.shape != (batch, length_max, r):
         raise ValueError(f"kv_latent {kv_latent.shape} / k_rope {k_rope.shape} do not match q {shape}")
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     rows = queries * heads
     bk = block_kv or (64 if family == "gpu" else min(512, pl.cdiv(length_max, 128) * 128))
     padded = pl.cdiv(length_max, bk) * bk  # a ragged last block is zero-padded (a copy: choose L % bk == 0)

@@ -10,7 +10,6 @@ object with per_device_bytes and flops_per_step.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from deepseek_jax import sharding
 from deepseek_jax.config import ConfigError
 from deepseek_jax.metrics import flops_per_token, param_counts
 from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.step import abstract_state, train_step
+from deepseek_jax.train.step import abstract_state, check_batch, make_train_step
 
 # TPU slices by name: TensorCores for v4/v5p (2 per chip, one JAX device per chip), chips for v5e/v6e
 CUBE = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
@@ -66,16 +65,18 @@ def topology_devices(name: str) -> tuple[list, float | None]:
 def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict:
     """Lower and compile the train step over `devices`; returns the memory and cost figures."""
     cfg = validate(config)
-    if devices[0].platform == "tpu" and cfg.moe_impl == "auto":
-        cfg = cfg.replace(moe_impl="ragged")  # ragged_dot and ragged_all_to_all, as on the chips
+    if devices[0].platform == "tpu":  # "auto" resolves by this host's backend: choose what the chips would run
+        cfg = cfg.replace(**{field: tpu for field, tpu in (("moe_impl", "ragged"), ("attention_impl", "pallas"),
+                                                             ("decode_attention", "pallas"))
+                             if getattr(cfg, field) == "auto"})
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    check_batch(config, mesh)
     tx, schedule = make_optimizer(config.optim, config.steps)
-    state = abstract_state(cfg, tx, mesh)
+    state = abstract_state(cfg, tx, mesh, offload=config.optim.offload)
     rows, length = config.data.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
              for k in ("tokens", "positions", "segment_ids")}
-    step = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
-                             bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum)
+    step = make_train_step(config, cfg, tx, schedule)
     start = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -87,11 +88,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict
     cost = cost[0] if isinstance(cost, list) else cost
     args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
     alias = getattr(mem, "alias_size_in_bytes", 0)
-    per_device = args + out - alias + temp
+    per_device = args + out - alias + temp  # HBM; host-offloaded state (optim.offload) is counted apart
     return {
         "devices": len(devices), "mesh": dict(mesh.shape), "compile_seconds": round(seconds, 1),
         "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-        "per_device_bytes": per_device,
+        "per_device_bytes": per_device, "host_argument_bytes": getattr(mem, "host_argument_size_in_bytes", 0),
         # XLA's cost analysis counts a scan body once, not per layer: the model count is the step's FLOPs
         "flops_per_step": flops_per_token(cfg, length) * rows * length,
         "xla_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
@@ -121,7 +122,8 @@ def main(argv: list[str]) -> None:
     print(f"per device: arguments {r['argument_bytes'] / gib:.2f} GiB, outputs {r['output_bytes'] / gib:.2f} GiB "
           f"(aliased {r['alias_bytes'] / gib:.2f} GiB), temporaries {r['temp_bytes'] / gib:.2f} GiB "
           f"-> {r['per_device_bytes'] / gib:.2f} GiB ({r['per_device_bytes'] / 1e9:.2f} GB)"
-          + (f" of {hbm_gib} GiB HBM" if hbm_gib else ""))
+          + (f" of {hbm_gib} GiB HBM" if hbm_gib else "")
+          + (f"; in host memory {r['host_argument_bytes'] / gib:.2f} GiB" if r["host_argument_bytes"] else ""))
     print(f"FLOPs per step: {r['flops_per_step']:.3e} (model: 6N + attention, activated experts); "
           f"XLA counts {r['xla_flops_per_step']:.3e} with each scan body once")
     if hbm_gib is not None:

@@ -33,3 +33,10 @@ def tiny_config(**kw) -> ModelConfig:
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()
+
+
+def assert_trees_close(got, want, tol: float = 1e-5) -> None:
+    """Every leaf within tol of the reference, relative to that leaf's largest magnitude (sums of many f32 terms
+    round differently in different programs; an element-wise rtol fails on the near-zero elements)."""
+    errors = jax.tree_util.tree_map(lambda a, b: float(abs(a - b).max() / (abs(b).max() + 1e-12)), got, want)
+    assert max(jax.tree_util.tree_leaves(errors)) < tol, errors

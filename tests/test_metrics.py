@@ -1,20 +1,21 @@
 """Param counts (tree size and the V3 release figures), model FLOPs by hand, peak FLOP/s and MFU,
-CRC-32C vectors, and the metrics log: JSON lines, resume truncation, TensorBoard records decoded
-by an independent reader."""
+and the metrics log: JSON lines, resume truncation, TensorBoard records read back by an
+independent TFRecord reader (its own CRC-32C) and by TensorBoard's own event accumulator."""
 
 import json
 import math
 import os
 import struct
 import types
+import warnings
 
 import jax
 import pytest
 from conftest import tiny_config
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from deepseek_jax import metrics
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.metrics import MetricsWriter, crc32c, flops_per_token, mfu, param_counts, peak_flops, read_metrics
+from deepseek_jax.metrics import MetricsWriter, flops_per_token, mfu, param_counts, peak_flops, read_metrics
 from deepseek_jax.model import abstract_params
 
 # ---- parameter counts -------------------------------------------------------------------------
@@ -132,10 +133,11 @@ def test_mfu():
     assert mfu(1000.0, 6e9, 8, 1e12) == pytest.approx(0.75)
 
 
-# ---- CRC-32C ------------------------------------------------------------------------------------
+# ---- an independent TFRecord reader ---------------------------------------------------------------
 
 
 def _crc32c_bitwise(data: bytes) -> int:
+    """CRC-32C (Castagnoli), bit by bit: reflected polynomial 0x82F63B78, init and final xor 0xFFFFFFFF."""
     crc = 0xFFFFFFFF
     for byte in data:
         crc ^= byte
@@ -144,19 +146,14 @@ def _crc32c_bitwise(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def test_crc32c_vectors():
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == 0
+def test_reference_crc32c_vectors():
+    assert _crc32c_bitwise(b"123456789") == 0xE3069283
+    assert _crc32c_bitwise(b"") == 0
     # RFC 3720 appendix B.4
-    assert crc32c(bytes(32)) == 0x8A9136AA
-    assert crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert crc32c(bytes(range(32))) == 0x46DD794E
-    assert crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
-    data = os.urandom(257)
-    assert crc32c(data) == _crc32c_bitwise(data)
-
-
-# ---- an independent TFRecord / Event reader ------------------------------------------------------
+    assert _crc32c_bitwise(bytes(32)) == 0x8A9136AA
+    assert _crc32c_bitwise(b"\xff" * 32) == 0x62A8AB43
+    assert _crc32c_bitwise(bytes(range(32))) == 0x46DD794E
+    assert _crc32c_bitwise(bytes(range(31, -1, -1))) == 0x113FDB5C
 
 
 def _masked(data: bytes) -> int:
@@ -165,6 +162,7 @@ def _masked(data: bytes) -> int:
 
 
 def _records(path: str) -> list[bytes]:
+    """TFRecord framing: uint64 length, masked crc of the length, data, masked crc of the data (little-endian)."""
     raw, pos, out = open(path, "rb").read(), 0, []
     while pos < len(raw):
         header = raw[pos:pos + 8]
@@ -178,58 +176,16 @@ def _records(path: str) -> list[bytes]:
     return out
 
 
-def _fields(buf: bytes) -> list[tuple[int, object]]:
-    """Protobuf wire format -> [(field number, value)]: varint int, fixed64/fixed32 bytes, or bytes."""
-    pos, out = 0, []
-
-    def varint():
-        nonlocal pos
-        shift = result = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return result
-
-    while pos < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            assert wire == 2
-            n = varint()
-            value, pos = buf[pos:pos + n], pos + n
-        out.append((number, value))
-    return out
+def _events(path: str) -> list[Event]:
+    return [Event.FromString(rec) for rec in _records(path)]
 
 
-def _events(path: str) -> list[dict]:
-    events = []
-    for rec in _records(path):
-        ev = {"scalars": {}}
-        for number, value in _fields(rec):
-            if number == 1:
-                ev["wall_time"] = struct.unpack("<d", value)[0]
-            elif number == 2:
-                ev["step"] = value - 2 ** 64 if value >= 2 ** 63 else value
-            elif number == 3:
-                ev["file_version"] = value.decode()
-            elif number == 5:
-                for vnum, vbuf in _fields(value):
-                    assert vnum == 1
-                    f = dict(_fields(vbuf))
-                    ev["scalars"][f[1].decode()] = struct.unpack("<f", f[2])[0]
-            elif number == 7:  # session_log (6 is the deprecated log_message)
-                ev["session_status"] = dict(_fields(value))[1]
-        events.append(ev)
-    return events
+def _scalars(event: Event) -> dict[str, float]:
+    return {v.tag: v.simple_value for v in event.summary.value}
+
+
+def _started(event: Event) -> bool:
+    return event.HasField("session_log") and event.session_log.status == SessionLog.START
 
 
 # ---- the metrics writer -------------------------------------------------------------------------
@@ -239,39 +195,33 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
     w = MetricsWriter(tmp_path)
     for step in range(1, 4):
         w.write(step, {"loss": 2.0 / step, "lr": 1e-3 * step, "tokens_per_s": step * 1000})
+    w.write(2 ** 40 + 3, {"a/b": float("inf")})
+    w.write(2 ** 40 + 4, {})  # nothing to plot: a jsonl line, no event
     w.close()
     recs = read_metrics(tmp_path)
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert [r["step"] for r in recs] == [1, 2, 3, 2 ** 40 + 3, 2 ** 40 + 4]
     assert recs[1] == {"step": 2, "loss": 1.0, "lr": 2e-3, "tokens_per_s": 2000.0}
     assert all(isinstance(v, float) for r in recs for k, v in r.items() if k != "step")
 
     assert os.path.dirname(w.event_path) == str(tmp_path / "tb")
     assert os.path.basename(w.event_path).startswith("events.out.tfevents.")
     events = _events(w.event_path)
-    assert events[0]["file_version"] == "brain.Event:2" and not events[0]["scalars"]
-    assert events[1]["step"] == 1 and events[1]["session_status"] == 1 and not events[1]["scalars"]
-    assert [e["step"] for e in events[2:]] == [1, 2, 3]
-    for e, step in zip(events[2:], (1, 2, 3), strict=True):
-        assert set(e["scalars"]) == {"loss", "lr", "tokens_per_s"}
-        assert e["scalars"]["loss"] == pytest.approx(2.0 / step, rel=1e-6)
-        assert e["scalars"]["tokens_per_s"] == step * 1000
-        assert e["wall_time"] > 1.6e9
-
-
-def test_event_encoding_edge_cases(tmp_path):
-    path = tmp_path / "ev"
-    path.write_bytes(metrics.tfrecord(metrics.encode_event(1.5, 2 ** 40 + 3, scalars={"a/b": float("inf")}))
-                     + metrics.tfrecord(metrics.encode_event(0.0, -1, session_start=True)))
-    a, b = _events(str(path))
-    assert a == {"wall_time": 1.5, "step": 2 ** 40 + 3, "scalars": {"a/b": float("inf")}}
-    assert b["step"] == -1 and b["session_status"] == 1
+    assert events[0].file_version == "brain.Event:2" and not _scalars(events[0])
+    assert events[1].step == 1 and _started(events[1]) and not _scalars(events[1])
+    assert [e.step for e in events[2:]] == [1, 2, 3, 2 ** 40 + 3]
+    for e, step in zip(events[2:5], (1, 2, 3), strict=True):
+        assert set(_scalars(e)) == {"loss", "lr", "tokens_per_s"}
+        assert _scalars(e)["loss"] == pytest.approx(2.0 / step, rel=1e-6)
+        assert _scalars(e)["tokens_per_s"] == step * 1000
+        assert e.wall_time > 1.6e9 and not _started(e)
+    assert _scalars(events[5]) == {"a/b": float("inf")}
 
 
 def test_each_line_is_on_disk_before_close(tmp_path):
     w = MetricsWriter(tmp_path)
     w.write(7, {"loss": 1.25})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 7, "loss": 1.25}  # not closed yet
-    assert _events(w.event_path)[-1]["step"] == 7
+    assert _events(w.event_path)[-1].step == 7
     w.close()
 
 
@@ -294,9 +244,42 @@ def test_resume_truncates_and_repairs(tmp_path):
     assert [r["loss"] for r in recs[-3:]] == [6.0, 107.0, 108.0]
     assert all(line.endswith("}") for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
     # the new event file restarts at 7: a SessionLog START at step 7 makes TensorBoard purge steps >= 7
-    assert [(e["step"], e.get("session_status")) for e in resumed_events[1:]] == [(7, 1), (7, None), (8, None)]
+    assert [(e.step, _started(e), _scalars(e)) for e in resumed_events[1:]] == [
+        (7, True, {}), (7, False, {"loss": 107.0}), (8, False, {"loss": 108.0})]
     assert len(os.listdir(tmp_path / "tb")) == 2
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_tensorboard_reader_shows_a_resumed_run_once(tmp_path):
+    """TensorBoard's server-side accumulator over workdir/tb: the resumed file's START at step 7 purges
+    steps >= 7 of the first file for every tag, also eval_loss, which the resumed run never rewrites."""
+    with warnings.catch_warnings():  # tensorboard without TensorFlow warns on import
+        warnings.simplefilter("ignore")
+        from tensorboard.backend.event_processing import plugin_event_accumulator as tb_acc
+        from tensorboard.util.tensor_util import make_ndarray
+    with MetricsWriter(tmp_path) as w:  # a fresh run, as the train loop opens it
+        w.truncate_after(0)
+        for step in range(1, 11):
+            w.write(step, {"loss": float(step)} | ({"eval_loss": 50.0 + step} if step in (5, 8) else {}))
+    with MetricsWriter(tmp_path) as w:  # resumed from a checkpoint at step 6
+        w.truncate_after(6)
+        for step in range(7, 9):
+            w.write(step, {"loss": 100.0 + step})
+
+    acc = tb_acc.EventAccumulator(str(tmp_path / "tb"), size_guidance={tb_acc.TENSORS: 0})  # 0: keep all
+    acc.Reload()
+    series = {tag: [(e.step, make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(tag)]
+              for tag in ("loss", "eval_loss")}
+    assert series == {"loss": [(s, float(s)) for s in range(1, 7)] + [(7, 107.0), (8, 108.0)],
+                      "eval_loss": [(5, 55.0)]}
+
+
+def test_writer_without_tensorboard(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.truncate_after(0)
+        w.write(1, {"loss": 1.0})
+    assert w.event_path is None and not (tmp_path / "tb").exists()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

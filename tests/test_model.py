@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import tiny_config
+from conftest import assert_trees_close, tiny_config
 
 import deepseek_jax as dsj
 from deepseek_jax.model import DeepSeekV3
@@ -37,7 +37,7 @@ def test_packed_documents_do_not_attend_across(tiny_cfg):
 def test_scan_keeps_program_size_flat():
     """Layers run under nn.scan: the lowered program does not grow with depth."""
     def hlo_size(layers):
-        cfg = tiny_config(num_hidden_layers=layers, num_nextn_predict_layers=0)
+        cfg = tiny_config(num_hidden_layers=layers, num_nextn_predict_layers=0, unroll_layers=0)
         params = jax.eval_shape(DeepSeekV3(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
         return len(jax.jit(DeepSeekV3(cfg).apply).lower(params, jnp.zeros((1, 8), jnp.int32)).as_text())
 
@@ -54,3 +54,23 @@ def test_init_statistics_and_logical_axes(tiny_cfg):
     names = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda x: x.names, boxed, is_leaf=lambda x: hasattr(x, "names")))
     assert all(isinstance(n, (str, type(None))) for n in names)
+
+
+def test_unrolled_layers_equal_the_scan():
+    """Short runs of blocks are unrolled (unroll_layers): same params, same logits and gradients as the loop."""
+    scan, unrolled = tiny_config(unroll_layers=0), tiny_config(unroll_layers=8)
+    params = dsj.init_params(scan, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, scan.vocab_size)
+
+    def loss(cfg, p):
+        out = dsj.forward(cfg, p, tokens)
+        return jnp.sum(jnp.sin(out.logits)) + jnp.sum(jnp.cos(out.mtp_logits))
+
+    structure = jax.tree_util.tree_structure(dsj.init_params(unrolled, jax.random.key(0)))
+    assert structure == jax.tree_util.tree_structure(params)
+    (l0, g0), (l1, g1) = (jax.value_and_grad(loss, argnums=1)(cfg, params) for cfg in (scan, unrolled))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert_trees_close(g1, g0)
+    text = jax.jit(lambda p: dsj.forward(unrolled, p, tokens).logits).lower(params).compile().as_text()
+    loops = [line for line in text.splitlines() if " while(" in line and "searchsorted" not in line]
+    assert not loops, loops  # one dense and two MoE blocks: straight-line code (the only loops are searchsorted's)

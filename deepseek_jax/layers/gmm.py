@@ -67,12 +67,41 @@ def _to_tiles(x: jax.Array, dest: jax.Array, n_tiles: int, tile: int) -> jax.Arr
     return jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
 
 
+def _from_tiles(y: jax.Array, dest: jax.Array) -> jax.Array:
+    return y.reshape(-1, y.shape[-1]).at[dest].get(mode="fill", fill_value=0)
+
+
 def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int,
                           preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    return _tiled_gmm(x, w, group_sizes, tile, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tiled_gmm(x, w, group_sizes, tile, out_dtype):
+    return _tiled_gmm_fwd(x, w, group_sizes, tile, out_dtype)[0]
+
+
+def _tiled_gmm_fwd(x, w, group_sizes, tile, out_dtype):
+    """Y_tile = X_tile W_g(tile); the tiles and the layout are the residuals."""
     dest, n_tiles, tile_group = tile_layout(group_sizes, x.shape[0], tile)
     xp = _to_tiles(x, dest, n_tiles, tile).reshape(n_tiles, tile, -1)
-    yp = jnp.einsum("tmk,tkn->tmn", xp, w.astype(x.dtype)[tile_group], preferred_element_type=preferred_element_type)
-    return yp.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+    yp = jnp.einsum("tmk,tkn->tmn", xp, w.astype(x.dtype)[tile_group], preferred_element_type=out_dtype)
+    return _from_tiles(yp, dest), (xp, w, dest, tile_group)
+
+
+def _tiled_gmm_bwd(tile, out_dtype, res, dy):
+    """dX_tile = dY_tile W_g^T and dW_g = sum over g's tiles of X_tile^T dY_tile, each a plain (batched) matmul in
+    row-major operand layouts, which XLA:CPU runs through its fast dot library rather than a transposing fallback."""
+    xp, w, dest, tile_group = res
+    n_tiles = xp.shape[0]
+    dyp = _to_tiles(dy.astype(xp.dtype), dest, n_tiles, tile).reshape(n_tiles, tile, -1)
+    dxp = jnp.einsum("tmn,tnk->tmk", dyp, jnp.swapaxes(w.astype(xp.dtype), 1, 2)[tile_group])
+    dwp = jnp.einsum("tkm,tmn->tkn", jnp.swapaxes(xp, 1, 2), dyp, preferred_element_type=jnp.float32)
+    dw = jnp.zeros(w.shape, jnp.float32).at[tile_group].add(dwp).astype(w.dtype)
+    return _from_tiles(dxp, dest), dw, None
+
+
+_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
 
 
 # ---- FP8 experts -----------------------------------------------------------------------------------------------

@@ -9,21 +9,26 @@ Two equivalent forms sit side by side:
   absorb: q_C^T (W_UK c) = (W_UK^T q_C)^T c, so attention runs in the kv_lora_rank latent space
           and W_UV is applied after the weighted sum. Decoding caches only [c_KV; k_R].
 
-With a LatentCache, the new tokens' [c_KV; k_R] are stored at their positions and attention runs over
-the cache: naive for a prefill (compute-bound), absorbed for decoding (memory-bound), where
-`decode_attention` picks the Pallas kernel (kernels_pallas.mla_decode) or the jnp form.
+Training and prefill run the naive form: the Pallas FlashAttention kernel (kernels_pallas.flash_attention) on
+GPU/TPU, or jnp query blocks; both build the causal + document mask per block from positions and segment ids
+(AttentionMask), never a [batch, 1, T, S] tensor. With a LatentCache, the new tokens' [c_KV; k_R] are stored at
+their positions and attention runs over the cache: naive for a prefill (compute-bound), absorbed for decoding
+(memory-bound), where `decode_attention` picks the Pallas kernel (kernels_pallas.mla_decode) or the jnp form.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_matmul, model_format, stored_scales, stored_weight
+from deepseek_jax.layers.ep import BATCH_AXES
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
@@ -52,46 +57,126 @@ def store(cache: LatentCache | HeadCache, new: tuple[jax.Array, ...], positions:
                                                                                                      strict=True)))
 
 
-def decode_form(choice: str) -> str:
-    """`decode_attention` resolved: auto is the Pallas kernel on GPU/TPU and the jnp absorbed form on CPU."""
+def _by_backend(choice: str, accelerated: str, cpu: str) -> str:
     if choice == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "absorb"
+        return accelerated if jax.default_backend() in ("gpu", "tpu") else cpu
     return choice
 
 
+def decode_form(choice: str) -> str:
+    """`decode_attention` resolved: auto is the Pallas kernel on GPU/TPU and the jnp absorbed form on CPU."""
+    return _by_backend(choice, "pallas", "absorb")
+
+
+def attention_form(choice: str) -> str:
+    """`attention_impl` resolved: auto is the Pallas flash kernel on GPU/TPU and the jnp query blocks on CPU."""
+    return _by_backend(choice, "pallas", "xla")
+
+
+_NEG = -1e30  # a finite -inf: a query that sees no key averages them all instead of giving NaN
+
+
+class AttentionMask(NamedTuple):
+    """Who sees whom, built block by block and never as a [batch, 1, T, S] tensor: query i of row b sees key j
+    (the key in cache slot / sequence index j) iff j <= q_positions[b, i] and kv_segments[b, j] == q_segments[b, i].
+
+    q_positions None means the queries are the keys themselves (training, prefill without a cache): query i
+    sits at index i."""
+
+    q_segments: jax.Array  # [batch, T] int32, document ids (0 = padding)
+    kv_segments: jax.Array  # [batch, S] int32
+    q_positions: jax.Array | None = None  # [batch, T] int32, each query's slot in the keys
+
+    @classmethod
+    def causal(cls, segment_ids: jax.Array) -> AttentionMask:
+        """Packed rows: causal within each document."""
+        return cls(segment_ids, segment_ids)
+
+    @classmethod
+    def over_cache(cls, positions: jax.Array, kv_len: int) -> AttentionMask:
+        """New tokens at `positions` [batch, T] against a cache whose slot s holds position s (its first kv_len)."""
+        return cls(jnp.zeros_like(positions), jnp.zeros((positions.shape[0], kv_len), positions.dtype), positions)
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv_segments.shape[1]
+
+    def positions(self) -> jax.Array:
+        """Each query's slot [batch, T]."""
+        if self.q_positions is not None:
+            return self.q_positions
+        return jnp.broadcast_to(jnp.arange(self.q_segments.shape[1], dtype=jnp.int32), self.q_segments.shape)
+
+
+def _keep(q_positions: jax.Array, q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
+    """[b, 1, t, s] True where query t sees key s: computed inside the consuming fusion, per block."""
+    causal = jnp.arange(kv_segments.shape[1]) <= q_positions[..., None]
+    return (causal & (q_segments[..., None] == kv_segments[:, None, :]))[:, None]
+
+
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q [b, t, h, d] against per-head k [b, s, h, d] or shared k [b, s, d] -> [b, h, t, s]."""
-    return jnp.einsum("bthd,bshd->bhts" if k.ndim == 4 else "bthd,bsd->bhts", q, k)
+    """q [b, t, h, d] against per-head k [b, s, h, d] or shared k [b, s, d] -> [b, h, t, s] in float32."""
+    return jnp.einsum("bthd,bshd->bhts" if k.ndim == 4 else "bthd,bsd->bhts", q, k,
+                      preferred_element_type=jnp.float32)
 
 
 def _weighted(p: jax.Array, v: jax.Array) -> jax.Array:
-    return jnp.einsum("bhts,bshd->bthd" if v.ndim == 4 else "bhts,bsd->bthd", p, v)
+    return jnp.einsum("bhts,bshd->bthd" if v.ndim == 4 else "bhts,bsd->bthd", p, v, preferred_element_type=jnp.float32)
 
 
-def attend(qs: tuple[jax.Array, ...], ks: tuple[jax.Array, ...], v: jax.Array, mask: jax.Array, scale: float,
-           chunk: int = 0) -> jax.Array:
-    """softmax(scale * sum_i q_i k_i^T, masked) v, softmax in float32. mask [b, 1, t, s], True = keep.
+def _softmax_attention(q, k, v, q_positions, q_segments, kv_segments, scale: float) -> jax.Array:
+    """softmax(scale q k^T | mask) v: scores and statistics in float32, exp(s - max) in v's dtype for the PV
+    product, and the 1 / sum normalisation applied to the [t, dv] output rather than the [t, s] probabilities.
 
-    With chunk > 0 the queries go in blocks of `chunk`, each rematerialized in the backward pass, so
-    at most [b, h, chunk, s] scores are live instead of [b, h, t, s] (t is padded to whole blocks)."""
-    def block(q_block, mask_block):
-        scores = sum(_scores(q, k) for q, k in zip(q_block, ks, strict=True)).astype(jnp.float32) * scale
-        probs = jax.nn.softmax(jnp.where(mask_block, scores, -1e30), axis=-1)
-        return _weighted(probs.astype(v.dtype), v)
+    The mask's inputs pass an optimization barrier with q: the mask then counts as depending on q, so autodiff
+    rebuilds it next to the scores instead of precomputing it for every block or layer as a saved residual."""
+    q, q_positions, q_segments, kv_segments = jax.lax.optimization_barrier((q, q_positions, q_segments, kv_segments))
+    keep = _keep(q_positions, q_segments, kv_segments)
+    s = jnp.where(keep, _scores(q, k) * scale, _NEG)
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    denom = jnp.moveaxis(e.sum(-1), 1, 2)[..., None]  # [b, t, h, 1]
+    return (_weighted(e.astype(v.dtype), v) / denom).astype(v.dtype)
 
-    length = qs[0].shape[1]
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float, chunk: int = 0) -> jax.Array:
+    """softmax(scale * q k^T, masked) v. q [b, t, h, d]; k and v per head [b, s, h, .] or shared [b, s, .].
+
+    With chunk > 0 the queries go in blocks of `chunk` (one lax.map step each, rematerialized in the backward
+    pass), so at most [b, h, chunk, s] scores are live. Every block reads every key: skipping the fully masked key
+    blocks of a causal product is the Pallas kernel's job (unrolled blocks of different widths let XLA:CPU overlap
+    their rematerializations, doubling peak memory at 4k tokens)."""
+    length = q.shape[1]
     if not chunk or length <= chunk:
-        return block(qs, mask)
+        return _softmax_attention(q, k, v, mask.positions(), mask.q_segments, mask.kv_segments, scale)
     n = -(-length // chunk)
-    pad = n * chunk - length  # extra query rows see nothing and are cut off again
+    pad = n * chunk - length  # extra query rows are cut off again
 
-    def split(x, axis):
-        x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
-        return jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:]), axis, 0)
+    def split(x):
+        x = jnp.pad(x, [(0, pad if a == 1 else 0) for a in range(x.ndim)])
+        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
 
-    out = jax.lax.map(jax.checkpoint(lambda args: block(*args)),
-                      (tuple(split(q, 1) for q in qs), split(mask, 2)))
-    return jnp.moveaxis(out, 0, 1).reshape(*qs[0].shape[:1], n * chunk, *out.shape[3:])[:, :length]
+    def block(args):
+        q_blk, pos, seg = args
+        return _softmax_attention(q_blk, k, v, pos, seg, mask.kv_segments, scale)
+
+    out = jax.lax.map(jax.checkpoint(block), (split(q), split(mask.positions()), split(mask.q_segments)))
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *out.shape[3:])[:, :length]
+
+
+def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float) -> jax.Array:
+    """attend() through the Pallas FlashAttention kernel (per-head k and v). Under a mesh it runs per shard
+    (rows over the batch axes, heads over `tensor`), as a pallas_call cannot be partitioned by XLA."""
+    from kernels_pallas.flash_attention import flash_attention
+
+    fn = functools.partial(flash_attention, scale=scale)
+    args = (q, k, v, mask.positions(), mask.q_segments, mask.kv_segments)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*args)
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    per_head = P(rows, None, "tensor" if "tensor" in mesh.axis_names else None, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(per_head,) * 3 + (P(rows, None),) * 3, out_specs=per_head,
+                         check_vma=False)(*args)
 
 
 class MLA(nn.Module):
@@ -100,13 +185,13 @@ class MLA(nn.Module):
     absorb: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
                  cache: LatentCache | HeadCache | None = None, positions: jax.Array | None = None
                  ) -> tuple[jax.Array, LatentCache | HeadCache | None]:
-        """x [batch, length, embed]; cos/sin [batch, length, rope/2]; mask [batch, 1, length, keys], True = keep.
+        """x [batch, length, embed]; cos/sin [batch, length, rope/2]; mask: who sees whom (x's tokens or the cache's).
 
         Without a cache the keys are x's own tokens. With one, x's entries are written at `positions`
-        [batch, length] and the keys are the cache's first mask.shape[-1] slots. Returns (out, cache)."""
+        [batch, length] and the keys are the cache's first mask.kv_len slots. Returns (out, cache)."""
         cfg = self.cfg
         heads, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(dtype=self.dtype, init_std=cfg.initializer_range, fp8=model_format(cfg))
@@ -135,13 +220,13 @@ class MLA(nn.Module):
             k_nope, v = jnp.einsum("bsc,chd->bshd", c_kv, w_uk), jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:-1], rope))], -1)
             cache = store(cache, (k, v), positions)
-            k, v = (c[:, :mask.shape[-1]].astype(self.dtype) for c in cache)
-            return out_proj(attend((jnp.concatenate([q_nope, q_rope], -1),), (k,), v, mask, scale, chunk)), cache
+            k, v = (c[:, :mask.kv_len].astype(self.dtype) for c in cache)
+            return out_proj(attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, scale, chunk)), cache
         form = "absorb" if self.absorb else "naive"
         if cache is not None:
             cache = store(cache, (c_kv, k_rope), positions)
-            c_kv, k_rope = (c[:, :mask.shape[-1]].astype(self.dtype) for c in cache)
-            form = "naive" if mask.shape[-1] == x.shape[1] else decode_form(cfg.decode_attention)
+            c_kv, k_rope = (c[:, :mask.kv_len].astype(self.dtype) for c in cache)
+            form = "naive" if mask.kv_len == x.shape[1] else decode_form(cfg.decode_attention)
         if form in ("absorb", "pallas"):  # attend in the latent space: keys and values are c_KV itself
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
             if form == "pallas":  # the T new tokens are each row's last: lengths = last position + 1
@@ -149,7 +234,8 @@ class MLA(nn.Module):
 
                 out_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, positions[:, -1] + 1, scale)
             else:
-                out_latent = attend((q_latent, q_rope), (c_kv, k_rope), c_kv, mask, scale, chunk)
+                out_latent = attend(jnp.concatenate([q_latent, q_rope], -1), jnp.concatenate([c_kv, k_rope], -1),
+                                    c_kv, mask, scale, chunk)
             out = jnp.einsum("bthc,chd->bthd", out_latent, w_uv)
         else:
             if kw["fp8"]:  # W_UKV as the FP8 linear layer it is (kv_b_proj), its output split into k_C and v
@@ -159,5 +245,10 @@ class MLA(nn.Module):
             else:
                 k_nope = jnp.einsum("bsc,chd->bshd", c_kv, w_uk)
                 v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
-            out = attend((q_nope, q_rope), (k_nope, k_rope), v, mask, scale, chunk)
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:-1], rope))], -1)
+            q = jnp.concatenate([q_nope, q_rope], -1)
+            if attention_form(cfg.attention_impl) == "pallas":
+                out = flash(q, k, v, mask, scale)
+            else:
+                out = attend(q, k, v, mask, scale, chunk)
         return out_proj(out), cache

@@ -18,15 +18,13 @@ from tqdm import tqdm
 
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, CheckpointError, sigterm_flag
-from deepseek_jax.config import ConfigError
 from deepseek_jax.data import make_iterator
 from deepseek_jax.data.sft import make_sft_iterator
-from deepseek_jax.layers.ep import BATCH_AXES
 from deepseek_jax.metrics import MetricsWriter, flops_per_token, mfu, peak_flops, read_metrics
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.start import initial_params, prepare
-from deepseek_jax.train.step import abstract_state, eval_step, init_state, shardings_of, train_step
+from deepseek_jax.train.step import abstract_state, check_batch, eval_step, init_state, make_train_step, shardings_of
 
 
 def train_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -35,11 +33,7 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     workdir = os.path.abspath(workdir)
     cfg, tokenizer = prepare(config, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if config.data.batch_size % (shards * config.grad_accum):
-        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide by the {shards} batch shards "
-                          f"of the mesh {dict(mesh.shape)} (x grad_accum={config.grad_accum}); change data.batch_size "
-                          "or the mesh")
+    check_batch(config, mesh)
     iterator = functools.partial(make_sft_iterator, chat=config.sft.chat) if config.stage == "sft" else make_iterator
     data = functools.partial(iterator, config.data.source, tokenizer, seq_len=config.data.seq_len,
                              global_batch_size=config.data.batch_size, seed=config.seed,
@@ -48,10 +42,9 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
     tx, schedule = make_optimizer(config.optim, config.steps)
     batch_sh = sharding.batch_sharding(mesh)
-    step_fn = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
-                                bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum)
+    step_fn = make_train_step(config, cfg, tx, schedule)
     flops, (peak, _) = flops_per_token(cfg, config.data.seq_len), peak_flops()
-    abstract = abstract_state(cfg, tx, mesh)
+    abstract = abstract_state(cfg, tx, mesh, offload=config.optim.offload)
     state_sh = shardings_of(abstract)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         @functools.partial(jax.jit, out_shardings=state_sh)

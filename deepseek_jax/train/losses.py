@@ -6,6 +6,8 @@ document (segment id, 0 = padding), so no loss crosses a document boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,28 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
     logits = logits.astype(jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     return jnp.sum(jnp.where(mask, nll, 0.0))
+
+
+def chunked_cross_entropy_sum(x: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                              mask: jax.Array, chunk: int) -> jax.Array:
+    """cross_entropy_sum(head(x), targets, mask) with x [batch, length, embed], computed over `chunk`-position
+    slices of the length (a scan): each slice's [batch, chunk, vocab] logits are rematerialized in the backward
+    pass, so the [batch, length, vocab] logits and their gradient never exist whole. chunk=0: one slice."""
+    batch, length, _ = x.shape
+    if not chunk or chunk >= length:
+        return cross_entropy_sum(head(x), targets, mask)
+    if length % chunk:
+        raise ValueError(f"CE chunk {chunk} does not divide the sequence length {length}; pick a divisor")
+
+    def slices(a):  # [batch, length, ...] -> [length // chunk, batch, chunk, ...]; rows keep their sharding
+        return jnp.moveaxis(a.reshape(batch, length // chunk, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def piece(total, xs):
+        return total + cross_entropy_sum(head(xs[0]), xs[1], xs[2]), None
+
+    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), (slices(x), slices(targets), slices(mask)))
+    return total
 
 
 def sum_balance_loss(router_stats: dict) -> jax.Array:

@@ -6,20 +6,25 @@ routed to expert i over the whole batch and c_mean their mean, b_i <- b_i + gamm
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
 from deepseek_jax import sharding
-from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import abstract_params, forward
-from deepseek_jax.train.losses import cross_entropy_sum, shifted_targets, sum_balance_loss
+from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.layers.ep import BATCH_AXES
+from deepseek_jax.model import abstract_params, forward, head_logits
+from deepseek_jax.train.losses import chunked_cross_entropy_sum, cross_entropy_sum, shifted_targets, sum_balance_loss
 from deepseek_jax.train.optimizer import BIAS
 
 
@@ -33,10 +38,11 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                   offload: bool = False) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings: params by the rules table,
-    optimizer moments like their params, everything else replicated. Allocates nothing (call it outside
-    a mesh context); a mesh that
+    optimizer moments like their params, everything else replicated; with `offload`, the optimizer state
+    in pinned host memory. Allocates nothing (call it outside a mesh context); a mesh that
     does not divide the model is a MeshError naming the param, dimension and axis."""
     boxed = abstract_params(cfg)
     sharding.check_divisible(boxed, mesh)
@@ -50,7 +56,7 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mes
         keys = _keys(path)
         match = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), None)
         sh = match.sharding if match is not None and match.shape == x.shape else replicated
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh.with_memory_kind("pinned_host") if offload else sh)
 
     opt_state = jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
@@ -66,17 +72,20 @@ def shardings_of(tree: Any) -> Any:
 
 
 def loss_terms(cfg: ModelConfig, params: Any, batch: dict, mtp_lambda: float, n_tokens: jax.Array,
-               weight: float = 1.0) -> tuple[jax.Array, dict]:
+               weight: float = 1.0, ce_chunk: int = 0) -> tuple[jax.Array, dict]:
     """One micro-batch's share of the loss. CE is summed and divided by the whole batch's target count;
-    the MTP and balance terms are micro-batch means times `weight` (1 / micro-batches), so shares add up."""
-    out = forward(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    the MTP and balance terms are micro-batch means times `weight` (1 / micro-batches), so shares add up.
+    The shared head runs inside the CE, `ce_chunk` positions at a time (0: all at once)."""
+    out = forward(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"], head=False)
+    ce_sum = functools.partial(chunked_cross_entropy_sum, head=functools.partial(head_logits, cfg, params),
+                               chunk=ce_chunk)
     targets, mask = batch_targets(batch, 1)
-    ce = cross_entropy_sum(out.logits, targets, mask) / n_tokens
+    ce = ce_sum(out.logits, targets=targets, mask=mask) / n_tokens
     mtp = jnp.zeros((), jnp.float32)
     depth = cfg.num_nextn_predict_layers
     for k in range(depth):  # module k predicts t_{i+k+2}
         targets, mask_k = batch_targets(batch, k + 2)
-        mtp += cross_entropy_sum(out.mtp_logits[k], targets, mask_k) / jnp.maximum(mask_k.sum(), 1) / depth
+        mtp += ce_sum(out.mtp_logits[k], targets=targets, mask=mask_k) / jnp.maximum(mask_k.sum(), 1) / depth
     mtp, balance = mtp * weight, sum_balance_loss(out.router_stats) * weight
     aux = {"ce": ce, "mtp_loss": mtp, "balance_loss": balance, "loads": expert_loads(out.router_stats)}
     return ce + mtp_lambda * mtp + balance, aux
@@ -112,16 +121,37 @@ def load_imbalance(loads: dict[tuple, jax.Array]) -> jax.Array:
     return jnp.mean(jnp.concatenate(ratios)) if ratios else jnp.ones(())
 
 
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The rows of a step must split evenly over the mesh's batch shards and the micro-batches."""
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if config.data.batch_size % (shards * config.grad_accum):
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide by the {shards} batch shards "
+                          f"of the mesh {dict(mesh.shape)} (x grad_accum={config.grad_accum}); change data.batch_size "
+                          "or the mesh")
+
+
+def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    """train_step with a run config's options bound."""
+    return functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule, mtp_lambda=config.mtp_lambda,
+                             bias_update_speed=config.bias_update_speed, grad_accum=config.grad_accum,
+                             ce_chunk=config.ce_chunk, expert_grad_dtype=config.expert_grad_dtype,
+                             offload=config.optim.offload)
+
+
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, mtp_lambda: float, bias_update_speed: float, grad_accum: int = 1):
-    """batch: tokens, positions, segment_ids, each [batch, length]. Returns (new state, metrics)."""
+               schedule: optax.Schedule, mtp_lambda: float, bias_update_speed: float, grad_accum: int = 1,
+               ce_chunk: int = 0, expert_grad_dtype: str = "float32", offload: bool = False):
+    """batch: tokens, positions, segment_ids, each [batch, length]. Returns (new state, metrics).
+    offload: the optimizer state lives in host memory (see abstract_state); it comes to the device only
+    for the update, after the gradients are complete."""
     _, mask = batch_targets(batch, 1)
     n_tokens = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
     micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
     def grads_of(mb):
         (_, aux), grads = jax.value_and_grad(loss_terms, argnums=1, has_aux=True)(
-            cfg, state.params, mb, mtp_lambda, n_tokens, 1.0 / grad_accum)
+            cfg, cast_experts(state.params, expert_grad_dtype), mb, mtp_lambda, n_tokens, 1.0 / grad_accum, ce_chunk)
         return grads, aux
 
     if grad_accum == 1:
@@ -130,9 +160,14 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
         def accumulate(carry, mb):
             return jax.tree_util.tree_map(jnp.add, carry, grads_of(mb)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grads_of, batch))
+        # the sum is float32 whatever the gradients' dtype (V3 sec. 3.3.3: gradients accumulate in FP32)
+        zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+                                       jax.eval_shape(grads_of, batch))
         (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = jax.device_put(state.opt_state, jax.memory.Space.Device) if offload else state.opt_state
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if offload:
+        opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
     params = optax.apply_updates(state.params, updates)
     if cfg.topk_method == "noaux_tc" and bias_update_speed:
         params = update_bias(params, aux["loads"], bias_update_speed)
@@ -143,6 +178,14 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
         "expert_load_max_mean": load_imbalance(aux["loads"]), "tokens": n_tokens,
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def cast_experts(params: Any, dtype: str) -> Any:
+    """Routed-expert weights (V3: 96% of the params) cast to `dtype` before the forward pass, so their
+    gradients come out in `dtype`; the experts compute in the model dtype anyway."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: v.astype(dtype) if "experts" in k else v for k, v in flat.items()})
 
 
 def eval_step(params: Any, batch: dict, *, cfg: ModelConfig) -> dict[str, jax.Array]:

@@ -71,14 +71,10 @@ def _from_tiles(y: jax.Array, dest: jax.Array) -> jax.Array:
     return y.reshape(-1, y.shape[-1]).at[dest].get(mode="fill", fill_value=0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int,
                           preferred_element_type: jnp.dtype | None = None) -> jax.Array:
-    return _tiled_gmm(x, w, group_sizes, tile, preferred_element_type)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tiled_gmm(x, w, group_sizes, tile, out_dtype):
-    return _tiled_gmm_fwd(x, w, group_sizes, tile, out_dtype)[0]
+    return _tiled_gmm_fwd(x, w, group_sizes, tile, preferred_element_type)[0]
 
 
 def _tiled_gmm_fwd(x, w, group_sizes, tile, out_dtype):
@@ -101,7 +97,7 @@ def _tiled_gmm_bwd(tile, out_dtype, res, dy):
     return _from_tiles(dxp, dest), dw, None
 
 
-_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+_tiled_grouped_matmul.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
 
 
 # ---- FP8 experts -----------------------------------------------------------------------------------------------

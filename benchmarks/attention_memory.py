@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import deepseek_jax as dsj
-from configs import tiny
+from configs import model_config, tiny
 
 
 def main() -> None:
@@ -34,14 +34,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="other ModelConfig overrides")
     args = ap.parse_args()
-    fields = dict(tiny.get_config().model, max_position_embeddings=args.seq)
+    config = tiny.get_config()
+    config.model.max_position_embeddings = args.seq
     if args.chunk is not None:
-        fields["attention_chunk"] = args.chunk
+        config.model.attention_chunk = args.chunk
     for item in args.set:
         key, value = item.split("=", 1)
-        fields[key] = type(fields[key])(value)
-    cfg = dsj.ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()
-                             if k in dsj.ModelConfig.__dataclass_fields__})
+        config.model[key] = type(config.model[key])(value)
+    cfg = model_config(config)
     params = dsj.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size, jnp.int32)
 

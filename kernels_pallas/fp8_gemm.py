@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import by_platform
+
 BLOCK_K = 128  # N_C: one scale per 128 of K, and one FP32 promotion
 
 
@@ -155,8 +157,15 @@ def fp8_gemm_grouped(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Ar
 
 
 def _grouped(a_q, a_s, b_q, b_s, group_sizes, out_dtype, interpret, bm: int, bn: int) -> jax.Array:
+    """The kernel, interpreted or not by the platform lowered for (kernels_pallas.by_platform; one Triton body)."""
+    def body(*args, family: str, interpret: bool):
+        return _grouped_kernel(*args, out_dtype, interpret, bm, bn)
+
+    return by_platform(body, interpret, a_q, a_s, b_q, b_s, group_sizes)
+
+
+def _grouped_kernel(a_q, a_s, b_q, b_s, group_sizes, out_dtype, interpret: bool, bm: int, bn: int) -> jax.Array:
     (m, k), (g, _, n) = a_q.shape, b_q.shape
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     kb = _cdiv(k, BLOCK_K)
     b_cols = column_scales(b_s, n)
     a_q, a_s = _pad(_pad(a_q, 1, BLOCK_K), 0, bm), _pad(a_s.astype(jnp.float32), 0, bm).T  # a_s: [Kb, Mp]

@@ -6,11 +6,13 @@
 #   4. FP8: the block-scaled GEMM kernel (kernels_pallas/fp8_gemm.py) in TFLOP/s next to the bf16 dot on DeepGEMM's
 #      shapes, and small_moe trained in FP8 and in bf16 for FP8_STEPS steps (default 100): the loss-gap curve;
 #   5. flash attention (kernels_pallas/flash_attention.py): forward and forward+backward time and error next to the
-#      XLA path at seq 4096, MLA head dims (192 / 128), bf16 (on CPU: correctness only).
+#      XLA path at seq 4096, MLA head dims (192 / 128), bf16 (on CPU: correctness only);
+#   6. DSA (benchmarks/dsa.py): V3.2 sparse vs V3 dense decode tokens/s and prefill time at 8k and 32k.
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (SUITE_STEPS=40 by default; PYTHON=python3;
 #        SMALL_ARGS="--config.data.batch_size=2" shrinks check 2 for a CPU dry run;
 #        MLA_ARGS="--batch 64 --context 4096" narrows check 3; FP8_GEMM_ARGS="--m 4096" and
-#        FP8_TRAIN_ARGS="--batch_size 8" narrow check 4; FLASH_ARGS="--batch 1 --heads 8" narrows check 5)
+#        FP8_TRAIN_ARGS="--batch_size 8" narrow check 4; FLASH_ARGS="--batch 1 --heads 8" narrows check 5;
+#        DSA_ARGS="--contexts 8192 --skip_prefill" narrows check 6)
 # On a machine without an accelerator both runs of check 1 use the CPU, which tests the script itself.
 set -euo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_suite}}
@@ -67,3 +69,7 @@ tail -n 1 "$OUT/fp8_train.log" > "$OUT/fp8_train.json"
 echo "== 5. flash attention: time and error vs the XLA path at seq 4096"
 $PY benchmarks/flash_attention.py ${FLASH_ARGS:-} | tee "$OUT/flash_attention.log"
 tail -n 1 "$OUT/flash_attention.log" > "$OUT/flash_attention.json"
+
+echo "== 6. DSA (V3.2): sparse vs dense decode and prefill at 8k and 32k, the indexer's share, FP8 top-k agreement"
+$PY benchmarks/dsa.py ${DSA_ARGS:-} | tee "$OUT/dsa.log"
+tail -n 1 "$OUT/dsa.log" > "$OUT/dsa.json"

@@ -2,7 +2,7 @@
 
   python -m launch.train --config=configs/countdown_r1zero.py --workdir=runs/r1zero
 
-Stage `base` pretrains the tiny V3-style model on synthetic arithmetic text (rl.tasks.arithmetic_corpus, the
+Stage `base` pretrains the tiny V3-style model on synthetic arithmetic text (data.synthetic.arithmetic_corpus, the
 "combine" mix: "Combine 7, 8 and 11: (11 + 8) * 7 = 133." lines, some worked in the <think>/<answer> format, and
 times tables; never a target, so never a Countdown problem). Stage `grpo` then runs GRPO on Countdown ("Reach 46.
 Combine 3, 7 and 25.") with the rule-based accuracy and format rewards, R1-Zero style (no SFT, temperature 1, a

@@ -59,7 +59,10 @@ def rl_fields(**kw) -> ml_collections.ConfigDict:
         group_size=8,  # G completions per prompt
         prompts_per_step=8,
         mu=1,  # optimizer steps per rollout batch
-        epsilon=0.2,
+        epsilon=0.2,  # the clip range's lower side (DAPO's epsilon_low)
+        epsilon_high=0.2,  # its upper side; DAPO's clip-higher: 0.28
+        dynamic_sampling=0,  # DAPO: up to this many extra rollout rounds to replace groups whose rewards are all equal
+        overlong_buffer=0,  # DAPO's soft overlong punishment over the last N of max_new_tokens (0 = off)
         beta=0.04,  # KL weight (DeepSeekMath 0.04; R1-Zero 0.001)
         loss_type="grpo",  # grpo | bnpo | dr_grpo
         max_prompt_tokens=128,

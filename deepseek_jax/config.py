@@ -15,10 +15,12 @@ from typing import Any
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
-ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
+ARCHITECTURES = {"DeepseekV32ForCausalLM": "deepseek_v32", "DeepseekV3ForCausalLM": "deepseek_v3",
+                 "DeepseekV2ForCausalLM": "deepseek_v2"}
+DSA_MODES = ("sparse", "dense")
 # Our own runtime choices; never read from (or written to) a HF config.json.
 RUNTIME_FIELDS = ("dtype", "remat", "moe_impl", "attention_chunk", "moe_chunk_tokens", "decode_attention", "fp8",
-                  "fp8_scale_fmt", "attention_impl", "unroll_layers")
+                  "fp8_scale_fmt", "attention_impl", "unroll_layers", "dsa_mode", "dsa_fp8_indexer", "index_key_block")
 _ROPE_FIELDS = ("rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim")
 
@@ -57,6 +59,11 @@ class ModelConfig:
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (V3 eq. 17-20)
     # MTP (V3 sec. 2.2)
     num_nextn_predict_layers: int = 1
+    # DeepSeek Sparse Attention (V3.2): a lightning indexer per layer picks the index_topk keys each query attends
+    # to; index_n_heads = 0 is dense MLA (V2 / V3)
+    index_n_heads: int = 0
+    index_head_dim: int = 128
+    index_topk: int = 2048
     # positions: RoPE on the decoupled dims, YaRN (V2 appendix B)
     rope_theta: float = 10000.0
     rope_type: str = "yarn"
@@ -91,6 +98,13 @@ class ModelConfig:
     # head, router, norms and attention core stay high precision. Scales: "fp32" (amax / 448) or "ue8m0" (powers of 2)
     fp8: bool = False
     fp8_scale_fmt: str = "fp32"
+    # DSA at run time: "sparse" attends to the indexer's top-k keys (V3.2); "dense" attends to every key while the
+    # indexer only scores them (the warm-up stage, which trains the indexer to match the dense attention)
+    dsa_mode: str = "sparse"
+    # the released code's indexer: Hadamard-rotated q and k scored in FP8 (1x128 tiles), keys cached in FP8 + scales;
+    # False scores in full precision, as transformers does
+    dsa_fp8_indexer: bool = False
+    index_key_block: int = 4096  # keys per block of the indexer's running top-k; 0 = all keys at once
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -121,6 +135,20 @@ class ModelConfig:
              f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
         need(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.index_n_heads >= 0, "index_n_heads", "must be >= 0 (0 = dense attention, no indexer)")
+        need(self.dsa_mode in DSA_MODES, "dsa_mode", f"choose one of {DSA_MODES}")
+        need(self.index_key_block >= 0, "index_key_block", "must be >= 0 (0 = all keys in one block)")
+        if self.index_n_heads:
+            need(self.index_head_dim > self.qk_rope_head_dim, "index_head_dim",
+                 f"must exceed qk_rope_head_dim={self.qk_rope_head_dim}: the indexer rotates its first "
+                 f"qk_rope_head_dim dims and keeps the rest unrotated")
+            need(self.index_topk >= 1, "index_topk", "must be >= 1 (keys each query attends to)")
+            need(self.q_lora_rank is not None, "q_lora_rank",
+                 "DSA's indexer reads the query latent c_Q, so set q_lora_rank (or index_n_heads=0)")
+            need(not self.dsa_fp8_indexer or self.index_head_dim & (self.index_head_dim - 1) == 0,
+                 "index_head_dim", "dsa_fp8_indexer's Hadamard rotation needs a power of two")
+        need(not self.dsa_fp8_indexer or self.index_n_heads > 0, "dsa_fp8_indexer",
+             "needs an indexer (index_n_heads > 0)")
         if self.n_routed_experts:
             need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
                  f"n_routed_experts={self.n_routed_experts} must be divisible by n_group")
@@ -137,6 +165,11 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def dsa(self) -> bool:
+        """DeepSeek Sparse Attention: every layer has a lightning indexer."""
+        return self.index_n_heads > 0
 
     @property
     def yarn(self) -> bool:
@@ -190,6 +223,8 @@ class ModelConfig:
         for k in ("n_group", "topk_group", "n_shared_experts"):
             if kw.get(k) is None:
                 kw[k] = 1 if k != "n_shared_experts" else 0
+        if model_type == "deepseek_v32":  # transformers' DeepseekV32Config defaults
+            kw.setdefault("index_n_heads", 64)
         if model_type == "deepseek_v2":  # V2 defaults that differ from V3
             kw.setdefault("scoring_func", "softmax")
             kw.setdefault("topk_method", "greedy")
@@ -220,10 +255,15 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json that `hf.export_hf_checkpoint` writes."""
-        arch = {v: k for k, v in ARCHITECTURES.items()}[self.model_type]
+        model_type = self.model_type
+        if self.dsa or model_type == "deepseek_v32":  # the indexer decides: V3.2 with one, V3 without
+            model_type = "deepseek_v32" if self.dsa else "deepseek_v3"
+        arch = {v: k for k, v in ARCHITECTURES.items()}[model_type]
         skip = {*RUNTIME_FIELDS, *_ROPE_FIELDS, "fp8_weight_block"}
+        if not self.dsa:
+            skip |= {"index_n_heads", "index_head_dim", "index_topk"}
         out = {k: v for k, v in self.to_dict().items() if k not in skip}
-        out["architectures"] = [arch]
+        out["architectures"], out["model_type"] = [arch], model_type
         out["num_key_value_heads"] = self.num_attention_heads  # MLA: every head reads the shared latent
         out["rope_scaling"] = None if self.rope_type == "default" else {
             "type": "yarn", "factor": self.rope_factor,

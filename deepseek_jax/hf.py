@@ -43,6 +43,11 @@ BLOCK = {
     ("attn", "kv_a_norm", "scale"): ("self_attn.kv_a_layernorm.weight", 0),
     ("attn", "wkv_b"): ("self_attn.kv_b_proj.weight", 1),
     ("attn", "o", "kernel"): ("self_attn.o_proj.weight", 2),
+    ("attn", "indexer", "wq_b", "kernel"): ("self_attn.indexer.wq_b.weight", 1),  # V3.2's lightning indexer
+    ("attn", "indexer", "wk", "kernel"): ("self_attn.indexer.wk.weight", 1),
+    ("attn", "indexer", "k_norm", "scale"): ("self_attn.indexer.k_norm.weight", 0),
+    ("attn", "indexer", "k_norm", "bias"): ("self_attn.indexer.k_norm.bias", 0),
+    ("attn", "indexer", "weights_proj", "kernel"): ("self_attn.indexer.weights_proj.weight", 1),
     ("mlp", "router", "gate", "kernel"): ("mlp.gate.weight", 1),
     ("mlp", "router", "e_score_correction_bias"): ("mlp.gate.e_score_correction_bias", 0),
     **{("mlp", p, "kernel"): (f"mlp.{p}_proj.weight", 1) for p in ("gate", "up", "down")},
@@ -97,9 +102,10 @@ class Leaf:
 
     @property
     def fp8_eligible(self) -> bool:
-        """Decoder linear layers; embedding, head, router, norms and eh_proj stay high precision (V3 3.3)."""
-        return bool(self.in_dims) and self.template.startswith("model.layers.") and ".mlp.gate." not in self.template \
-            and "eh_proj" not in self.template
+        """Decoder linear layers; embedding, head, router, norms, eh_proj and the indexer's head weights stay high
+        precision (V3 3.3; V3.2 as released)."""
+        return bool(self.in_dims) and self.template.startswith("model.layers.") and not any(
+            name in self.template for name in (".mlp.gate.", "eh_proj", "weights_proj"))
 
     def name(self, ids: tuple[int, ...]) -> str:
         keys = (["layer"] if self.layers else []) + (["expert"] if self.experts else [])
@@ -206,6 +212,12 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = jnp.bfloat16, shard
             expected.update((name, name + "_scale_inv"))
             if name not in ckpt.where:
                 missing.append(name)
+    indexer_missing = sorted(n for n in missing if ".indexer." in n)
+    if indexer_missing:
+        raise CheckpointError(
+            f"{path!r} is a DeepSeek-V3.2 config (index_n_heads={cfg.index_n_heads}) but {len(indexer_missing)} "
+            f"indexer tensors are missing, e.g. {indexer_missing[:5]}; a V3 checkpoint has no indexer: load it with "
+            "its V3 config.json, or start stage dsa_warmup from it (init_from) to add a fresh indexer")
     if missing:
         raise CheckpointError(f"{len(missing)} tensors the config needs are missing from {path!r}, e.g. "
                               f"{sorted(missing)[:5]}; check that config.json belongs to these weights")

@@ -63,7 +63,7 @@ def block_cls(cfg: ModelConfig) -> type[Block]:
 def block_stack(cfg: ModelConfig, moe: bool, count: int) -> nn.Module:
     """`count` blocks as one nn.scan: params and caches stacked on a leading `layers` axis (fully unrolled when
     count <= cfg.unroll_layers)."""
-    return nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0, "routes": 0},
+    return nn.scan(block_cls(cfg), variable_axes={"params": 0, "router_stats": 0, "routes": 0, "indexer_stats": 0},
                    split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=count,
                    metadata_params={nn.PARTITION_NAME: "layers"},
@@ -183,16 +183,19 @@ class ModelOutput(NamedTuple):
     logits: jax.Array  # [batch, length, vocab] float32 (head=False: normed hidden states [batch, length, embed])
     mtp_logits: jax.Array | None  # [mtp_depth, batch, length, vocab] float32 (head=False: [..., embed])
     router_stats: Any  # {"expert_load": [...], "balance_loss": [...]} nested like the MoE params
+    indexer_stats: Any = None  # DSA: {"kl": [...], and in dense mode "mass": [...]} nested like the attention params
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="head")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("head", "indexer_loss"))
 def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, head: bool = True) -> ModelOutput:
+            segment_ids: jax.Array | None = None, head: bool = True, indexer_loss: bool = False) -> ModelOutput:
     """Main logits, MTP logits and per-layer router statistics in one pass (jit-compiled per config);
-    head=False returns the normed hidden states that `head_logits` maps to those logits."""
-    (logits, mtp), stats = DeepSeekV3(cfg).apply({"params": params}, tokens, positions, segment_ids,
-                                                 head=head, mutable=["router_stats"])
-    return ModelOutput(logits, mtp, stats.get("router_stats", {}))
+    head=False returns the normed hidden states that `head_logits` maps to those logits. indexer_loss: also
+    each DSA layer's indexer KL (and, with dense attention, the attention mass its top-k captures)."""
+    mutable = ["router_stats"] + (["indexer_stats"] if indexer_loss and cfg.dsa else [])
+    (logits, mtp), stats = DeepSeekV3(cfg).apply({"params": params}, tokens, positions, segment_ids, head=head,
+                                                 mutable=mutable)
+    return ModelOutput(logits, mtp, stats.get("router_stats", {}), stats.get("indexer_stats", {}))
 
 
 def head_logits(cfg: ModelConfig, params: Any, x: jax.Array) -> jax.Array:

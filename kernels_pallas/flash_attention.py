@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas import by_platform
+from kernels_pallas import by_platform, dot
 
 _NEG = -1e30  # a finite -inf for the running max: a query that sees nothing keeps l = 0 and gives zeros
 _EMPTY_LSE = 1e30  # such a query's log-sum-exp: the backward's P = exp(S - lse) is 0 there
@@ -44,16 +44,11 @@ BLOCKS = {"gpu": (64, 64), "tpu": (512, 512)}
 F32 = jnp.float32
 
 
-def _dot(a: jax.Array, b: jax.Array, ca: int, cb: int) -> jax.Array:
-    """a . b contracting a's axis ca with b's axis cb (2-D), accumulated in f32."""
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=F32)
-
-
 def _scores(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> jax.Array:
     """sum over head-dim pieces of a_i b_i^T: [rows of a, rows of b] in f32."""
-    out = _dot(a[0], b[0], 1, 1)
+    out = dot(a[0], b[0], 1, 1)
     for x, y in zip(a[1:], b[1:], strict=True):
-        out = out + _dot(x, y, 1, 1)
+        out = out + dot(x, y, 1, 1)
     return out
 
 
@@ -113,7 +108,7 @@ class _Forward(_Phase):
         v = _read(v_ref, self.vk, rows)
         pv = p.astype(v[0].dtype)  # the PV matmul runs in v's dtype
         return (m_new, alpha * lsum + jnp.sum(p, axis=1, keepdims=True),
-                *(alpha * a + _dot(pv, x, 1, 0) for a, x in zip(acc, v, strict=True)))
+                *(alpha * a + dot(pv, x, 1, 0) for a, x in zip(acc, v, strict=True)))
 
     def finish(self, carry, o_ref, lse_ref):
         m, lsum, *acc = carry
@@ -141,7 +136,7 @@ class _DQ(_Phase):
         s, dp = _scores(q, k) * self.scale, _scores(do, _read(v_ref, self.vk, rows))
         ds = _probs_and_dscores(s, dp, lse, delta, _visible(pos, qseg, kvseg_ref[:, rows], starts[1], 1))[1]
         ds = ds.astype(k[0].dtype)
-        return tuple(c + _dot(ds, x, 1, 0) for c, x in zip(carry, k, strict=True))
+        return tuple(c + dot(ds, x, 1, 0) for c, x in zip(carry, k, strict=True))
 
     def finish(self, carry, dq_ref):
         _store(dq_ref, [self.scale * c for c in carry], self.qk)
@@ -165,8 +160,8 @@ class _DKV(_Phase):
         p, ds = _probs_and_dscores(_scores(k, q) * self.scale, _scores(v, do), lse_ref[:, rows], delta_ref[:, rows],
                                    visible)
         p, ds, n = p.astype(do[0].dtype), ds.astype(q[0].dtype), len(self.qk)
-        return (*(c + _dot(ds, x, 1, 0) for c, x in zip(carry[:n], q, strict=True)),
-                *(c + _dot(p, x, 1, 0) for c, x in zip(carry[n:], do, strict=True)))
+        return (*(c + dot(ds, x, 1, 0) for c, x in zip(carry[:n], q, strict=True)),
+                *(c + dot(p, x, 1, 0) for c, x in zip(carry[n:], do, strict=True)))
 
     def finish(self, carry, dk_ref, dv_ref):
         n = len(self.qk)

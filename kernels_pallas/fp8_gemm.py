@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas import by_platform
+from kernels_pallas import by_platform, dot
 
 BLOCK_K = 128  # N_C: one scale per 128 of K, and one FP32 promotion
 
@@ -111,8 +111,7 @@ def _gpu_kernel(gid_ref, tile_ref, lo_ref, hi_ref, a_ref, as_ref, b_ref, bs_ref,
     def _():
         def k_block(k, acc):
             cols = pl.ds(pl.multiple_of(k * BLOCK_K, BLOCK_K), BLOCK_K)
-            part = lax.dot_general(a_ref[rows, cols], b_ref[g, cols, :], (((1,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)  # one FP8 dot, FP32 out
+            part = dot(a_ref[rows, cols], b_ref[g, cols, :], 1, 0)  # one FP8 dot, FP32 out
             return acc + part * as_ref[k, rows][:, None] * bs_ref[g, k, :][None, :]
 
         acc = lax.fori_loop(0, kb, k_block, jnp.zeros((bm, bn), jnp.float32))

@@ -26,40 +26,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas import by_platform
+from kernels_pallas import by_platform, dot, online_finish, online_init, online_softmax
 
-_NEG = -1e30  # a finite -inf: rows with nothing visible keep m = _NEG, l = 0 and give zeros, never NaN
 _GPU_BLOCK_H = 32  # rows (heads x queries) per Triton program: a [32, C] f32 accumulator stays in registers
-
-
-def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
-    """a [M, K] times b ([N, K] when contract_b == 1, [K, N] when 0), accumulated in f32."""
-    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _online_step(q, qr, kv, kr, carry, *, length, row0, pos0, scale: float, heads: int, queries: int):
     """Fold one KV block (kv [bk, C], kr [bk, R] at positions pos0...) into the running (m, l, acc) of rows
     row0... of q [M, C], qr [M, R]; row r is query r // heads, which sees `queries - 1 - r // heads` keys fewer."""
-    m, lsum, acc = carry
     shape = (q.shape[0], kv.shape[0])
     row = row0 + lax.broadcasted_iota(jnp.int32, shape, 0)
     pos = pos0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     limit = length - (queries - 1)
     for t in range(1, queries):
         limit = limit + (row >= t * heads).astype(jnp.int32)
-    visible = pos < limit
-    s = (_dot(q, kv, 1) + _dot(qr, kr, 1)) * scale
-    m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, _NEG), axis=1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-    alpha = jnp.exp(m - m_new)
-    return m_new, alpha * lsum + jnp.sum(p, axis=1, keepdims=True), alpha * acc + _dot(p.astype(kv.dtype), kv, 0)
-
-
-def _finish(m: jax.Array, lsum: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A split's normalised output and log-sum-exp (_NEG when it saw no key)."""
-    seen = lsum > 0
-    safe = jnp.where(seen, lsum, 1.0)
-    return acc / safe, jnp.where(seen, m + jnp.log(safe), _NEG)
+    return online_softmax(carry, (dot(q, kv) + dot(qr, kr)) * scale, pos < limit, kv)
 
 
 def _gpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, *, bk: int, per_split: int, **kw):
@@ -77,8 +58,7 @@ def _gpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, *, bk: i
         kr = plgpu.load(kr_ref.at[pl.ds(start, bk), :], mask=live, other=0)
         return _online_step(q, qr, kv, kr, carry, length=length, row0=row0, pos0=start, **kw)
 
-    init = (jnp.full((bh, 1), _NEG, jnp.float32), jnp.zeros((bh, 1), jnp.float32), jnp.zeros((bh, c), jnp.float32))
-    o, lse = _finish(*lax.fori_loop(lo, hi, body, init))
+    o, lse = online_finish(*lax.fori_loop(lo, hi, body, online_init(bh, c)))
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -92,9 +72,7 @@ def _tpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, m_sc, l_
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        m_sc[...], l_sc[...], acc_sc[...] = online_init(*acc_sc.shape)
 
     @pl.when(start < length)
     def _step():
@@ -106,7 +84,7 @@ def _tpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, m_sc, l_
 
     @pl.when(j == per_split - 1)
     def _write():
-        o, lse = _finish(m_sc[...], l_sc[...], acc_sc[...])
+        o, lse = online_finish(m_sc[...], l_sc[...], acc_sc[...])
         o_ref[...] = o.astype(o_ref.dtype)
         lse_ref[...] = lse
 
@@ -193,6 +171,6 @@ def _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale: flo
     o, lse = pl.pallas_call(functools.partial(kernel, **kw), out_shape=out_shape, grid_spec=grid_spec,
                             compiler_params=params, interpret=interpret, cost_estimate=cost, name="mla_decode")(
         lengths, q, qr, kv_latent, k_rope)
-    if splits > 1:  # log-sum-exp merge of the splits; splits that saw nothing weigh exp(_NEG - lse) = 0
+    if splits > 1:  # log-sum-exp merge of the splits; splits that saw nothing weigh exp(NEG - lse) = 0
         o = jnp.sum(jax.nn.softmax(lse, axis=1) * o, axis=1, keepdims=True).astype(q_latent.dtype)
     return o[:, 0, :rows].reshape(shape)

@@ -10,6 +10,7 @@ object with per_device_bytes and flops_per_step.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -62,6 +63,52 @@ def topology_devices(name: str) -> tuple[list, float | None]:
     return list(topo.devices), HBM_GIB[gen]
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _shape_bytes(text: str) -> list[int]:
+    return [_DTYPE_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for t, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", text)]
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes each device's collectives produce in one run of a compiled HLO module, by kind: every collective's
+    result (the output of an async -start), times the trip counts of the while loops around it (scan bodies)."""
+    comps, current, calls = {}, None, collections.defaultdict(list)
+    entry = None
+    for line in hlo.splitlines():
+        header = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            current = header.group(2)
+            comps[current] = collections.Counter()
+            entry = current if header.group(1) else entry
+            continue
+        m = re.match(r"^\s+(?:ROOT )?%\S+ = (.+?) ([a-z\-]+)\(", line)
+        if current is None or not m:
+            continue
+        shape, op = m.groups()
+        kind = op.removesuffix("-start")
+        if kind in COLLECTIVES and not op.endswith("-done"):
+            comps[current][kind] += max(_shape_bytes(shape), default=0)
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        for callee in re.findall(r"(?:calls|body)=%([\w.\-]+)", line):
+            calls[current].append((callee, int(trips.group(1)) if trips and op == "while" else 1))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            calls[current] += [(c.strip().lstrip("%"), 1) for c in group.split(",")]
+
+    def total(name: str, seen: tuple = ()) -> collections.Counter:
+        out = collections.Counter(comps.get(name, {}))
+        for callee, n in calls[name]:
+            if callee not in seen:
+                for k, v in total(callee, (*seen, name)).items():
+                    out[k] += n * v
+        return out
+
+    return dict(total(entry)) if entry else {}
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict:
     """Lower and compile the train step over `devices`; returns the memory and cost figures."""
     cfg = validate(config)
@@ -70,19 +117,20 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict
                                                              ("decode_attention", "pallas"))
                              if getattr(cfg, field) == "auto"})
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-    check_batch(config, mesh)
+    rules = check_batch(config, mesh)
     tx, schedule = make_optimizer(config.optim, config.steps)
     state = abstract_state(cfg, tx, mesh, offload=config.optim.offload)
     rows, length = config.data.batch_size, config.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(mesh, rules))
              for k in ("tokens", "positions", "segment_ids")}
     step = make_train_step(config, cfg, tx, schedule)
     start = time.time()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         lowered = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, None)).lower(state, batch)
         compiled = lowered.compile()
     seconds = time.time() - start
+    collectives = collective_bytes(compiled.as_text())
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -97,6 +145,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict
         "flops_per_step": flops_per_token(cfg, length) * rows * length,
         "xla_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
         "params": param_counts(cfg)["total"],
+        "collective_bytes_per_step": sum(collectives.values()), "collectives": collectives,
+        "context_parallel": sharding.length_shards_of(rules, mesh),
     }
 
 
@@ -126,6 +176,9 @@ def main(argv: list[str]) -> None:
           + (f"; in host memory {r['host_argument_bytes'] / gib:.2f} GiB" if r["host_argument_bytes"] else ""))
     print(f"FLOPs per step: {r['flops_per_step']:.3e} (model: 6N + attention, activated experts); "
           f"XLA counts {r['xla_flops_per_step']:.3e} with each scan body once")
+    kinds = ", ".join(f"{k} {v / gib:.2f}" for k, v in sorted(r["collectives"].items(), key=lambda kv: -kv[1]))
+    print(f"collectives per device per step: {r['collective_bytes_per_step'] / gib:.2f} GiB ({kinds})"
+          + (f"; sequence split {r['context_parallel']} ways (context parallel)" if r["context_parallel"] > 1 else ""))
     if hbm_gib is not None:
         fits = r["per_device_bytes"] <= hbm_gib * gib
         print(f"fits in {hbm_gib} GiB per chip: {'yes' if fits else 'NO'} "

@@ -23,7 +23,7 @@ from deepseek_jax import sharding
 from deepseek_jax.checkpoint import CheckpointError
 from deepseek_jax.config import ConfigError
 from deepseek_jax.data import DataError
-from deepseek_jax.train.stages import run as train
+from deepseek_jax.stages import run as train
 
 __all__ = ["train"]
 

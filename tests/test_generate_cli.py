@@ -27,11 +27,13 @@ def run(tmp_path_factory):
     return workdir
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A random V3-style model whose vocabulary fits the fixture tokenizer, with its tokenizer files."""
+@pytest.fixture(scope="module", params=["v3", "v32"])
+def hf_dir(tmp_path_factory, request):
+    """A random V3-style model whose vocabulary fits the fixture tokenizer, with its tokenizer files; "v32" adds
+    DSA's indexer with a top-k (4) shorter than the prompt, so decoding attends to selected keys."""
     path = tmp_path_factory.mktemp("hf")
-    cfg = tiny_config(vocab_size=HFTokenizer.from_dir(TOKENIZER).vocab_size, max_position_embeddings=256)
+    dsa = dict(index_n_heads=2, index_head_dim=16, index_topk=4) if request.param == "v32" else {}
+    cfg = tiny_config(vocab_size=HFTokenizer.from_dir(TOKENIZER).vocab_size, max_position_embeddings=256, **dsa)
     dsj.export_hf_checkpoint(cfg, dsj.init_params(cfg, jax.random.key(0)), path, dtype=jnp.float32)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(TOKENIZER, name), path)

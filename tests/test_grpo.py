@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.rl.grpo import LOSS_AGGREGATIONS, group_advantages, grpo_loss
+from deepseek_jax.rl.grpo import (
+    LOSS_AGGREGATIONS,
+    group_advantages,
+    grpo_loss,
+    informative_groups,
+    overlong_penalty,
+)
+from deepseek_jax.rl.rollout import Rollout, keep_informative
 
 TRL_REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "grpo", "trl_reference.json")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -26,8 +33,9 @@ def np_advantages(rewards, group_size):
     return out
 
 
-def np_grpo_loss(logprobs, old, ref, adv, mask, epsilon, beta, loss_type):
-    """Eq. 3 token by token in float64; returns (loss, metrics)."""
+def np_grpo_loss(logprobs, old, ref, adv, mask, epsilon, beta, loss_type, epsilon_high=None):
+    """Eq. 3 token by token in float64 (DAPO eq. 10 with epsilon_high); returns (loss, metrics)."""
+    high = epsilon if epsilon_high is None else epsilon_high
     batch, length = logprobs.shape
     per_token = np.zeros((batch, length))
     n_tokens, n_clipped, kl_sum, ratios = 0, 0, 0.0, []
@@ -37,7 +45,7 @@ def np_grpo_loss(logprobs, old, ref, adv, mask, epsilon, beta, loss_type):
             if not mask[b, t]:
                 continue
             ratio = math.exp(float(logprobs[b, t]) - float(old[b, t]))
-            clipped_ratio = min(max(ratio, 1 - epsilon), 1 + epsilon)
+            clipped_ratio = min(max(ratio, 1 - epsilon), 1 + high)
             surrogate = min(ratio * a, clipped_ratio * a)
             kl = 0.0
             if beta:
@@ -45,7 +53,7 @@ def np_grpo_loss(logprobs, old, ref, adv, mask, epsilon, beta, loss_type):
                 kl = math.exp(d) - d - 1
             per_token[b, t] = -(surrogate - beta * kl)
             n_tokens += 1
-            n_clipped += (ratio < 1 - epsilon and a < 0) or (ratio > 1 + epsilon and a > 0)
+            n_clipped += (ratio < 1 - epsilon and a < 0) or (ratio > 1 + high and a > 0)
             kl_sum += kl
             ratios.append(ratio)
     if loss_type == "grpo":
@@ -110,6 +118,50 @@ def test_loss_matches_numpy(loss_type, beta, seed):
     assert ref_metrics["clip_fraction"] > 0
     for name, value in ref_metrics.items():
         np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_clip_higher_matches_numpy(loss_type):
+    """DAPO's decoupled clip (0.2, 0.28): tokens of positive-advantage samples may grow to 1.28 before clipping."""
+    logprobs, old, ref, adv, mask = random_inputs(3)
+    loss, metrics = grpo_loss(*map(jnp.asarray, (logprobs, old, ref, adv, mask)), epsilon=0.2, beta=0.04,
+                              loss_type=loss_type, epsilon_high=0.28)
+    want, want_metrics = np_grpo_loss(logprobs, old, ref, adv, mask, 0.2, 0.04, loss_type, epsilon_high=0.28)
+    symmetric, _ = np_grpo_loss(logprobs, old, ref, adv, mask, 0.2, 0.04, loss_type)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["clip_fraction"]), want_metrics["clip_fraction"], rtol=1e-6)
+    assert abs(want - symmetric) > 1e-4  # some ratios fall in (1.2, 1.28] with A > 0
+
+
+def test_dynamic_sampling_keeps_groups_with_reward_spread():
+    rewards = np.array([1, 1, 1, 0, 0, 0, 1, 0, 2, 2, 2, 2], np.float32)  # in 3s: equal, equal, spread, equal
+    np.testing.assert_array_equal(informative_groups(rewards[:8], 4), [True, True])
+    np.testing.assert_array_equal(informative_groups(rewards, 3), [False, False, True, False])
+
+    def rollout(r, tag):  # each row's token carries its origin
+        n = len(r)
+        return Rollout(np.full((n, 3), tag, np.int32) + np.arange(n)[:, None], np.ones((n, 2), np.float32),
+                       np.asarray(r, np.float32), {"accuracy": np.asarray(r, np.float32)},
+                       np.asarray(group_advantages(jnp.asarray(r, jnp.float32), 2)), [f"{tag}:{i}" for i in range(n)],
+                       np.full(n, 2, np.int32))
+
+    first, second = rollout([1, 1, 0, 1, 0, 0], 100), rollout([1, 0, 1, 1, 1, 0], 200)  # groups of 2
+    batch, order = keep_informative([first, second], 2, 3)
+    np.testing.assert_array_equal(order, [1, 3, 5])  # the informative groups, in order
+    assert batch.completions == ["100:2", "100:3", "200:0", "200:1", "200:4", "200:5"]
+    np.testing.assert_array_equal(batch.tokens[:, 0], [102, 103, 200, 201, 204, 205])
+    np.testing.assert_array_equal(batch.rewards, [0, 1, 1, 0, 1, 0])
+    assert (np.abs(batch.advantages) > 0.5).all()
+    short, order = keep_informative([first], 2, 3)  # too few: topped up with uninformative groups
+    np.testing.assert_array_equal(order, [1, 0, 2])
+    np.testing.assert_array_equal(short.advantages[2:], 0.0)
+
+
+def test_soft_overlong_punishment_matches_the_formula():
+    """DAPO eq. 13 with L_max = 20, L_cache = 8: 0 up to 12 tokens, (12 - |y|) / 8 in (12, 20], -1 beyond."""
+    lengths = np.arange(0, 25)
+    want = [0.0 if n <= 12 else ((12 - n) / 8 if n <= 20 else -1.0) for n in lengths]
+    np.testing.assert_allclose(overlong_penalty(lengths, 20, 8), want, rtol=1e-6, atol=1e-7)
 
 
 def test_jit_and_ref_optional_at_beta_zero():

@@ -16,7 +16,7 @@ from deepseek_jax import fp8
 from deepseek_jax.hf import CheckpointError, leaves
 from deepseek_jax.safetensors_io import SafetensorsError, SafetensorsFile
 
-FIXTURE_NAMES = ["v3_sigmoid_yarn", "v2_softmax_greedy", "v2_group_limited_yarn", "v3_fp8"]
+FIXTURE_NAMES = ["v3_sigmoid_yarn", "v2_softmax_greedy", "v2_group_limited_yarn", "v3_fp8", "v32_dsa", "v32_fp8"]
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -39,6 +39,18 @@ def test_fixture_features_are_exercised():
     v2 = dsj.ModelConfig.from_hf(os.path.join(FIXTURES, "v2_softmax_greedy"))
     assert v2.q_lora_rank is None and v2.scoring_func == "softmax" and v2.topk_method == "greedy" and not v2.yarn
     assert dsj.ModelConfig.from_hf(os.path.join(FIXTURES, "v3_fp8")).fp8_weight_block == (128, 128)
+    v32 = dsj.ModelConfig.from_hf(os.path.join(FIXTURES, "v32_dsa"))
+    assert v32.model_type == "deepseek_v32" and (v32.index_n_heads, v32.index_head_dim, v32.index_topk) == (8, 16, 5)
+
+
+@pytest.mark.parametrize("name", ["v32_dsa", "v32_fp8"])
+def test_v32_sparsity_is_exercised(name):
+    """index_topk 5 < the 12 reference tokens: attending to every key instead moves the logits far off."""
+    path = os.path.join(FIXTURES, name)
+    cfg, params = dsj.load_hf_checkpoint(path, dtype=jnp.float32)
+    ref = np.load(os.path.join(path, "reference.npz"))
+    dense = np.asarray(dsj.logits(cfg.replace(index_topk=ref["tokens"].shape[1]), params, jnp.asarray(ref["tokens"])))
+    assert np.abs(dense - ref["logits"]).max() / np.abs(ref["logits"]).max() > 0.1
 
 
 def test_mtp_weights_load_from_layer_num_hidden_layers():
@@ -206,3 +218,48 @@ def test_fp8_weights_can_stay_fp8():
     out = np.asarray(dsj.logits(cfg, params, jnp.asarray(ref["tokens"])))
     rel = np.abs(out - ref["logits"]).max() / np.abs(ref["logits"]).max()
     assert rel < 1e-4, rel
+
+
+def test_v32_fp8_indexer_weights_can_stay_fp8():
+    """V3.2 as released: the indexer's wq_b and wk are E4M3 with block scales, its head weights are not."""
+    path = os.path.join(FIXTURES, "v32_fp8")
+    cfg, params = dsj.load_hf_checkpoint(path, dtype=jnp.float32, keep_fp8=True)
+    indexer = params["layers_0"]["attn"]["indexer"]
+    assert indexer["wq_b"]["kernel"].dtype == jnp.float8_e4m3fn and "kernel_scale_inv" in indexer["wq_b"]
+    assert indexer["wk"]["kernel"].dtype == jnp.float8_e4m3fn
+    assert indexer["weights_proj"]["kernel"].dtype == jnp.float32 and "kernel_scale_inv" not in indexer["weights_proj"]
+    ref = np.load(os.path.join(path, "reference.npz"))
+    out = np.asarray(dsj.logits(cfg, params, jnp.asarray(ref["tokens"])))
+    assert np.abs(out - ref["logits"]).max() / np.abs(ref["logits"]).max() < 1e-4
+
+
+def test_v32_checkpoint_without_indexer_names_the_missing_keys(tmp_path):
+    path = tmp_path / "v32"
+    shutil.copytree(os.path.join(FIXTURES, "v32_fp8"), path)
+    _rewrite(path, lambda t: [t.pop(k) for k in list(t) if ".indexer." in k])
+    with pytest.raises(CheckpointError, match=r"indexer tensors are missing.*self_attn\.indexer\.k_norm"):
+        dsj.load_hf_checkpoint(path)
+
+
+@pytest.mark.parametrize("fp8_weights", [False, True])
+def test_v32_export_round_trip(tmp_path, fp8_weights):
+    """A DSA model exports as DeepseekV32ForCausalLM (indexer tensors under self_attn.indexer) and loads back."""
+    cfg = tiny_config(index_n_heads=4, index_head_dim=16, index_topk=4)
+    params = dsj.init_params(cfg, jax.random.key(0))
+    dsj.export_hf_checkpoint(cfg, params, tmp_path, dtype=jnp.float32, fp8_weights=fp8_weights)
+    hf = json.load(open(tmp_path / "config.json"))
+    assert hf["architectures"] == ["DeepseekV32ForCausalLM"] and hf["model_type"] == "deepseek_v32"
+    assert (hf["index_n_heads"], hf["index_head_dim"], hf["index_topk"]) == (4, 16, 4)
+    names = SafetensorsFile(tmp_path / "model.safetensors").keys()
+    assert "model.layers.0.self_attn.indexer.k_norm.bias" in names
+    assert ("model.layers.0.self_attn.indexer.wk.weight_scale_inv" in names) == fp8_weights
+    assert "model.layers.0.self_attn.indexer.weights_proj.weight_scale_inv" not in names
+    cfg2, params2 = dsj.load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert cfg2.replace(fp8_weight_block=None) == cfg.replace(model_type="deepseek_v32")
+    wk, wk2 = (np.asarray(p["layers_1"]["attn"]["indexer"]["wk"]["kernel"][0]) for p in (params, params2))
+    if fp8_weights:  # the E4M3 blocks of the [out, in] HF matrix, dequantized
+        np.testing.assert_array_equal(wk2, np.asarray(fp8.dequantize_weights(*fp8.quantize_weights(wk.T))).T)
+    else:
+        np.testing.assert_array_equal(wk2, wk)
+        tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+        np.testing.assert_array_equal(dsj.logits(cfg2, params2, tokens), dsj.logits(cfg, params, tokens))

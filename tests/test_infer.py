@@ -65,10 +65,12 @@ def test_cached_greedy_equals_argmax_loop(model):
     assert out.num_generated.tolist() == [9] * 4 and out.steps == 8
 
 
-@pytest.mark.parametrize("name", ["v3_sigmoid_yarn", "v2_softmax_greedy", "v2_group_limited_yarn", "v3_fp8"])
+@pytest.mark.parametrize("name", ["v3_sigmoid_yarn", "v2_softmax_greedy", "v2_group_limited_yarn", "v3_fp8", "v32_dsa",
+                                  "v32_fp8"])
 def test_greedy_equals_transformers_generate(name):
     """transformers' greedy `generate` (its own KV cache) on the HF fixtures, prompts of lengths 5, 8, 3 in one
-    ragged batch here (tests/fixtures/make_inference_fixtures.py; every top-1/top-2 logit gap >= 1.6e-3)."""
+    ragged batch here (tests/fixtures/make_inference_fixtures.py; every top-1/top-2 logit gap >= 1.6e-3). The V3.2
+    fixtures select 5 of up to 20 cached keys per step (DSA), from the indexer key cache."""
     path = os.path.join(FIXTURES, name)
     cfg, params = dsj.load_hf_checkpoint(path, dtype=jnp.float32)
     ref = np.load(os.path.join(path, "generate.npz"))
@@ -312,8 +314,19 @@ def test_cache_holds_only_the_latent_and_rope_key():
     assert cache_bytes_per_token(v3, jnp.bfloat16) <= 1.02 * 70_272
     assert mha_cache_bytes_per_token(v3, jnp.bfloat16) == 4_997_120
     cache = jax.eval_shape(lambda: init_cache(v3, 2, 16, jnp.bfloat16))
-    assert [x.shape for x in cache.layers[1]] == [(58, 2, 16, 512), (58, 2, 16, 64)]
+    assert [x.shape for x in jax.tree_util.tree_leaves(cache.layers[1])] == [(58, 2, 16, 512), (58, 2, 16, 64)]
     assert cache.lengths.shape == (2,)
+
+
+def test_v32_cache_adds_the_indexer_key():
+    """V3.2 671B: + 128 indexer values per token per layer: (576 + 128) x 61 x 2 = 85,888 B/token in bf16; with
+    the FP8 indexer key cache (E4M3 codes + one float32 scale) 61 x (1,152 + 128 + 4) = 78,324."""
+    v32 = dsj.ModelConfig(index_n_heads=64, model_type="deepseek_v32")
+    assert cache_bytes_per_token(v32, jnp.bfloat16, mtp=False) == 85_888
+    assert cache_bytes_per_token(v32.replace(dsa_fp8_indexer=True), jnp.bfloat16, mtp=False) == 78_324
+    cache = jax.eval_shape(lambda: init_cache(v32.replace(dsa_fp8_indexer=True), 2, 16, jnp.bfloat16))
+    assert cache.layers[1].index_k.shape == (58, 2, 16, 128) and cache.layers[1].index_k.dtype == jnp.float8_e4m3fn
+    assert cache.layers[1].index_scale.shape == (58, 2, 16, 1)
 
 
 def test_bad_requests_fail_clearly(model):

@@ -121,9 +121,11 @@ def test_lowers_for_tpu_as_a_mosaic_kernel(queries):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (extra [tpu])")
-def test_compiles_for_v5p_at_v3_shapes():
+@pytest.mark.parametrize("precision", ["default", "highest"])  # the kernels set their own
+def test_compiles_for_v5p_at_v3_shapes(precision):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mla_decode_tpu_lowering.py")],
-                         capture_output=True, text=True, timeout=600, env=os.environ.copy())
+                         capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"JAX_DEFAULT_MATMUL_PRECISION": precision})
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert [c["query"] for c in r["cases"]] == [[64, 128], [64, 2, 128]]

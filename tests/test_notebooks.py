@@ -1,13 +1,19 @@
-"""The notebooks run top to bottom (as CI executes them)."""
+"""The notebooks run top to bottom (as CI executes them), in their shorter settings (DSJ_NOTEBOOK_FAST=1)."""
 
 import os
 import re
 
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+
+
+@pytest.fixture(autouse=True)
+def fast_notebooks(monkeypatch):
+    monkeypatch.setenv("DSJ_NOTEBOOK_FAST", "1")  # the kernels inherit the environment
 
 
 def test_train_tiny_notebook_runs(tmp_path, monkeypatch):
@@ -61,3 +67,18 @@ def test_fp8_notebook_runs(tmp_path, monkeypatch):
     end = float(text.split("relative loss gap: end ")[1].split("%")[0])
     assert end < 1.0, end
     assert sum(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])) == 2
+
+
+def test_sparse_attention_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "05_sparse_attention.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    before, after = (float(x) for x in re.findall(r"captured mass (\S+) \(fresh indexer\) -> (\S+);", text)[0])
+    assert after > before + 0.05, (before, after)  # the warm-up teaches the indexer where attention goes
+    fresh, trained = (np.array([float(v) for v in re.findall(r"k=\d+: (\S+)", line)])
+                      for line in text.splitlines() if line.startswith(("fresh indexer", "after warm-up")))
+    assert (np.diff(fresh) > 0).all() and (np.diff(trained) > 0).all() and (trained > fresh).all()
+    sparse, dense = (float(x) for x in re.findall(r"sparse (\S+), dense (\S+) \(", text)[0])
+    assert abs(sparse - dense) / dense < 0.05, (sparse, dense)
+    assert sum(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])) == 3

@@ -156,11 +156,15 @@ def test_countdown_chain_through_launch_train(tmp_path):
     config.base.data.update(source="synthetic:arithmetic:200", seq_len=64, batch_size=8)
     config.grpo.update(steps=2, log_every=1, checkpoint_every=2)
     config.grpo.rl.update(group_size=2, prompts_per_step=2, max_new_tokens=8, eval_every=2, eval_problems=4,
-                          samples_every=1)
+                          samples_every=1, dynamic_sampling=2, epsilon_high=0.28, overlong_buffer=4)  # + DAPO's
     metrics = train(config, str(tmp_path))
     assert [m["step"] for m in metrics] == [1, 2]
-    for key in ("reward", "accuracy", "format", "kl", "clip_fraction", "entropy", "response_length"):
+    for key in ("reward", "accuracy", "format", "kl", "clip_fraction", "entropy", "response_length", "overlong"):
         assert key in metrics[-1], key
+    for m in metrics:  # rounds stop once the batch is full of groups with reward spread, or after 1 + 2 rounds
+        assert 1 <= m["rollout_rounds"] <= 3 and 0 <= m["groups_kept"] <= m["groups_informative"] <= 1
+        assert m["rollout_rounds"] == 3 or m["groups_informative"] == 1.0
+        assert -1.0 <= m["overlong"] <= 0.0
     assert "eval_accuracy" in metrics[-1]
     samples = [json.loads(line) for line in open(tmp_path / "grpo" / "samples.jsonl")]
     assert len(samples) == 2 * 2 * 2 and samples[0]["prompt"].startswith("Reach ")

@@ -63,3 +63,44 @@ def test_expert_parallel_moe_equals_single_device(sizes, chunk):
         (_, y1), g1 = jax.jit(grad)(params, x)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
+
+
+def test_data_layout_puts_leftover_batch_axes_on_the_sequence():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+    assert sharding.data_layout(mesh, 8) == (("data", "fsdp", "expert"), ())
+    assert sharding.data_layout(mesh, 4) == (("data", "fsdp"), ("expert",))
+    assert sharding.data_layout(mesh, 2) == (("data",), ("fsdp", "expert"))
+    assert sharding.data_layout(mesh, 1) == ((), ("data", "fsdp", "expert"))
+    table = dict(sharding.rules_for(mesh, 2))
+    assert table["batch"] == ("data",) and table["length"] == ("fsdp", "expert") and table["embed"] == "fsdp"
+
+
+@pytest.mark.parametrize("dsa", [False, True])
+def test_context_parallel_step_equals_single_device(dsa):
+    """2 rows on 8 devices (data 2 x fsdp 2 x expert 2): rows over data, each row's 64 tokens over fsdp x expert
+    (context parallelism; attention in query blocks of 8, keys gathered). Loss and gradients equal one device's."""
+    from deepseek_jax.model import forward, init_params
+
+    extra = dict(index_n_heads=4, index_head_dim=16, index_topk=12, index_key_block=16) if dsa else {}
+    cfg = tiny_config(attention_chunk=8, max_position_embeddings=64, **extra)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(64), (2, 64))
+    segments = jnp.ones((2, 64), jnp.int32).at[1, 40:].set(2)  # two documents in row 1
+    positions = positions.at[1, 40:].set(jnp.arange(24))
+
+    def loss(p):
+        out = forward(cfg, p, tokens, positions, segments, indexer_loss=dsa)
+        kl = sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(out.indexer_stats))
+        return jnp.sum(jnp.sin(out.logits)) + jnp.sum(jnp.cos(out.mtp_logits)) + kl
+
+    want = jax.jit(jax.value_and_grad(loss))(params)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+    rules = sharding.rules_for(mesh, 2)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        assert sharding.length_shards() == 4
+        p = jax.device_put(params, sharding.logical_shardings(mesh, abstract_params(cfg)))
+        got = jax.jit(jax.value_and_grad(loss))(p)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    errors = jax.tree_util.tree_map(lambda a, b: float(abs(a - b).max() / (abs(b).max() + 1e-12)), got[1], want[1])
+    assert max(jax.tree_util.tree_leaves(errors)) < 1e-4, errors

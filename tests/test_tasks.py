@@ -8,6 +8,7 @@ import pytest
 
 from deepseek_jax.data.errors import DataError
 from deepseek_jax.data.sources import synthetic_documents
+from deepseek_jax.data.synthetic import arithmetic_corpus
 from deepseek_jax.rl.rewards import THINK_OPEN, evaluate_expression, format_reward
 from deepseek_jax.rl.tasks import (
     TASKS,
@@ -15,7 +16,6 @@ from deepseek_jax.rl.tasks import (
     Arithmetic,
     Countdown,
     Problem,
-    arithmetic_corpus,
     full_response,
     make_task,
 )

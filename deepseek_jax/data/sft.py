@@ -21,6 +21,8 @@ from deepseek_jax.data.errors import DataError
 from deepseek_jax.data.pipeline import EVAL_EVERY, DataIterator, _EvalDoc, _Rows, _TrainDoc
 from deepseek_jax.data.sources import DataStats, resolve_files
 
+THINK_OPEN = "<think>"  # R1's reasoning tag; a prompt that ends with it opens the reply
+
 
 def read_examples(source: str) -> list[dict[str, Any]]:
     """Every usable example of the jsonl files of `source`; bad lines are skipped with one warning per file."""
@@ -56,8 +58,6 @@ def read_examples(source: str) -> list[dict[str, Any]]:
 def encode_example(example: dict[str, Any], tokenizer: Any, chat: bool = False) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids + EOS). Messages go through the chat template, and so does a plain prompt when
     `chat` (as a user turn); otherwise it is encoded as the rollouts encode it."""
-    from deepseek_jax.rl.rollout import encode_prompt
-
     if "messages" in example:
         if not hasattr(tokenizer, "apply_chat_template"):
             raise DataError("SFT examples with `messages` need a chat template: fine-tune from a HuggingFace "
@@ -110,3 +110,23 @@ def make_sft_iterator(source: str, tokenizer: Any, *, seq_len: int, global_batch
     meta = dict(source=source, split=split, seed=seed, seq_len=seq_len, rows=rows, global_batch_size=global_batch_size,
                 process_index=process_index, process_count=process_count, docs_in_source=len(examples), kind="sft")
     return DataIterator(ds, stats, meta)
+
+
+def encode_prompt(tokenizer: Any, text: str, max_tokens: int, chat: bool = False) -> list[int]:
+    """The prompt's ids, as launch.generate encodes them (HF tokenizers add their BOS). chat=True (a HF tokenizer
+    with a chat template) sends the prompt as a user turn and opens the reply with the prompt's trailing <think>,
+    as R1's template does. Longer than max_tokens is an error naming the fix."""
+    if chat:
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise ValueError("rl.chat needs a HF tokenizer with a chat template (init_from a HF checkpoint)")
+        question = text.removesuffix(THINK_OPEN).rstrip()
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}])
+                               + (THINK_OPEN if text.endswith(THINK_OPEN) else ""))
+    elif hasattr(tokenizer, "apply_chat_template"):
+        ids = tokenizer.encode(text, add_special_tokens=True)
+    else:
+        ids = tokenizer.encode(text)
+    if len(ids) > max_tokens:
+        raise ValueError(f"a prompt encodes to {len(ids)} tokens, more than rl.max_prompt_tokens={max_tokens}: "
+                         f"raise it (prompt: {text[:80]!r}...)")
+    return ids

@@ -30,6 +30,7 @@ import grain
 
 from deepseek_jax.data.corpus import default_documents, paragraph_groups
 from deepseek_jax.data.errors import DataError
+from deepseek_jax.data.synthetic import CORPORA, arithmetic_corpus
 
 TEXT, JSONL, ARRAY_RECORD = ".txt", ".jsonl", ".array_record"
 SUPPORTED = (TEXT, JSONL, ARRAY_RECORD)
@@ -227,10 +228,8 @@ def _supported(paths: Iterator[str]) -> list[str]:
 
 
 def synthetic_documents(source: str) -> tuple[str, ...]:
-    """"synthetic:MIX[:N]": N (default 2000) generated arithmetic documents (rl.tasks.arithmetic_corpus), MIX one of
-    rl.tasks.CORPORA ("arithmetic": the full mix; "combine": small-number combinations and times tables)."""
-    from deepseek_jax.rl.tasks import CORPORA, arithmetic_corpus
-
+    """"synthetic:MIX[:N]": N (default 2000) generated arithmetic documents (synthetic.arithmetic_corpus), MIX one
+    of synthetic.CORPORA ("arithmetic": the full mix; "combine": small-number combinations and times tables)."""
     _, name, *rest = source.split(":")
     if name not in CORPORA or len(rest) > 1 or (rest and not (rest[0].isascii() and rest[0].isdigit())):
         raise DataError(f"data source {source!r}: a synthetic corpus is synthetic:MIX[:N documents], MIX one of "

@@ -1,7 +1,9 @@
 """The latent KV cache (V2 sec. 2.1.3): per layer only c_KV [batch, max_len, kv_lora_rank] and the shared
 roped key k_R [batch, max_len, qk_rope_head_dim], (512 + 64) values per token for V3 instead of MHA's
-2 n_h d_h = 128 x (192 + 128). Slot s of a row holds position s; `lengths` counts each row's valid slots,
-and a slot at or past its row's length is dead, so rolling back is lowering `lengths`.
+2 n_h d_h = 128 x (192 + 128). V3.2 (DSA) adds the lightning indexer's key, index_head_dim (128) values per token,
+in the cache dtype or as E4M3 codes plus one float32 scale (dsa_fp8_indexer). Slot s of a row holds position s;
+`lengths` counts each row's valid slots, and a slot at or past its row's length is dead, so rolling back is
+lowering `lengths`.
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | st
         if layout == "heads":
             heads = (*lead, batch, max_len, cfg.num_attention_heads)
             return HeadCache(jnp.zeros((*heads, cfg.qk_head_dim), dtype), jnp.zeros((*heads, cfg.v_head_dim), dtype))
-        return LatentCache(jnp.zeros((*lead, batch, max_len, cfg.kv_lora_rank), dtype),
-                           jnp.zeros((*lead, batch, max_len, cfg.qk_rope_head_dim), dtype))
+        rows = (*lead, batch, max_len)
+        index_k = index_scale = None
+        if cfg.dsa:
+            index_k = jnp.zeros((*rows, cfg.index_head_dim), jnp.float8_e4m3fn if cfg.dsa_fp8_indexer else dtype)
+            index_scale = jnp.zeros((*rows, 1), jnp.float32) if cfg.dsa_fp8_indexer else None
+        return LatentCache(jnp.zeros((*rows, cfg.kv_lora_rank), dtype), jnp.zeros((*rows, cfg.qk_rope_head_dim), dtype),
+                           index_k, index_scale)
 
     return Cache(layers=tuple(latent(count) for _, _, count in cfg.layer_segments),
                  mtp=tuple(latent() for _ in range(cfg.num_nextn_predict_layers if mtp else 0)),
@@ -66,5 +73,5 @@ def constrain(cache: Cache) -> Cache:
     def rows(x: jax.Array, lead: int) -> jax.Array:
         return nn.with_logical_constraint(x, ("layers",) * lead + ("batch",) + (None,) * (x.ndim - lead - 1))
 
-    return Cache(tuple(type(c)(*(rows(x, 1) for x in c)) for c in cache.layers),
-                 tuple(type(c)(*(rows(x, 0) for x in c)) for c in cache.mtp), rows(cache.lengths, 0))
+    return Cache(tuple(jax.tree_util.tree_map(lambda x: rows(x, 1), c) for c in cache.layers),
+                 tuple(jax.tree_util.tree_map(lambda x: rows(x, 0), c) for c in cache.mtp), rows(cache.lengths, 0))

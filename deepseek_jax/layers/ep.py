@@ -11,13 +11,14 @@ device). Either way no token is ever dropped.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp", "expert")
+from deepseek_jax.sharding import BATCH_AXES, axes_of, data_layout
 
 
 def expert_axis_size() -> int:
@@ -28,19 +29,29 @@ def expert_axis_size() -> int:
 
 def expert_parallel(ffn: Callable, x: jax.Array, weights: jax.Array, idx: jax.Array,
                     expert_params: tuple[jax.Array, ...], ragged: bool = False, chunk: int = 0) -> jax.Array:
-    """x [tokens, embed], weights/idx [tokens, top_k] sharded over the batch axes; expert_params each
+    """x [batch, length, embed], weights/idx [batch, length, top_k] laid out as the active rules lay out
+    activations (rows over the batch axes; under context parallelism the sequence too); expert_params each
     [experts, ...] sharded over `expert`. ffn(rows sorted by local expert, sizes, *params) -> rows.
 
     ragged=True moves only the real rows with jax.lax.ragged_all_to_all (TPU, GPU); otherwise a padded
     all_to_all (XLA:CPU implements no ragged collective). chunk > 0 dispatches each device's tokens in
     rounds of `chunk` (each rematerialized), bounding the exchange buffers."""
     mesh = jax.sharding.get_abstract_mesh()
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    tok = P(batch, None)
-    fn = jax.shard_map(functools.partial(_in_rounds, functools.partial(_dispatch_compute_combine, ffn, ragged), chunk),
-                       mesh=mesh,
-                       in_specs=(tok, tok, tok, *(P("expert") for _ in expert_params)), out_specs=tok,
-                       check_vma=False)
+    rows, length = axes_of("batch"), axes_of("length")
+    if not rows and not length:  # outside logical-axis rules: rows over every batch axis of the mesh
+        rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+    if x.shape[0] % size(rows) or x.shape[1] % size(length):  # e.g. init's single row: this array's own layout
+        rows, length = data_layout(mesh, x.shape[0])
+    tok = P(rows or None, length or None, None)
+
+    def local(x, weights, idx, *params):  # this device's tokens, flattened
+        flat = [a.reshape(-1, a.shape[-1]) for a in (x, weights, idx)]
+        out = _in_rounds(functools.partial(_dispatch_compute_combine, ffn, ragged), chunk, *flat, *params)
+        return out.reshape(x.shape)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, *(P("expert") for _ in expert_params)),
+                       out_specs=tok, check_vma=False)
     return fn(x, weights, idx, *expert_params)
 
 

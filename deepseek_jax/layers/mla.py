@@ -14,6 +14,11 @@ GPU/TPU, or jnp query blocks; both build the causal + document mask per block fr
 (AttentionMask), never a [batch, 1, T, S] tensor. With a LatentCache, the new tokens' [c_KV; k_R] are stored at
 their positions and attention runs over the cache: naive for a prefill (compute-bound), absorbed for decoding
 (memory-bound), where `decode_attention` picks the Pallas kernel (kernels_pallas.mla_decode) or the jnp form.
+
+DeepSeek Sparse Attention (V3.2, cfg.dsa): a lightning indexer (layers/indexer.py) picks index_topk keys per query,
+and attention runs in the absorbed form over just those, gathered per block of queries: the MQA form of MLA, so
+every head shares the selection, in O(T k) memory. With no more keys than index_topk every key is selected, which
+is dense attention. The cache then also holds the indexer's keys.
 """
 
 from __future__ import annotations
@@ -28,18 +33,24 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_matmul, model_format, stored_scales, stored_weight
+from deepseek_jax.layers import indexer as dsa
 from deepseek_jax.layers.ep import BATCH_AXES
+from deepseek_jax.layers.indexer import Index, Indexer
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.norm import RMSNorm
 from deepseek_jax.layers.rope import apply_rope
+from deepseek_jax.sharding import length_shards, merge_length, split_length
 
 
 class LatentCache(NamedTuple):
     """MLA's whole per-token cache (V2 eq. 10-14): c_KV [..., batch, max_len, kv_lora_rank], normalized, and
-    the roped shared key k_R [..., batch, max_len, qk_rope_head_dim]. Slot s holds position s."""
+    the roped shared key k_R [..., batch, max_len, qk_rope_head_dim]. Slot s holds position s. With DSA also the
+    indexer's key [..., index_head_dim] (E4M3 codes with one scale per token [..., 1] under dsa_fp8_indexer)."""
 
     c_kv: jax.Array
     k_rope: jax.Array
+    index_k: jax.Array | None = None
+    index_scale: jax.Array | None = None
 
 
 class HeadCache(NamedTuple):
@@ -50,11 +61,11 @@ class HeadCache(NamedTuple):
     v: jax.Array
 
 
-def store(cache: LatentCache | HeadCache, new: tuple[jax.Array, ...], positions: jax.Array):
+def store(cache: LatentCache | HeadCache, new: tuple[jax.Array | None, ...], positions: jax.Array):
     """Write new entries [batch, length, ...] at slots `positions` [batch, length]; slots past max_len drop."""
     rows = jnp.arange(positions.shape[0])[:, None]
-    return type(cache)(*(c.at[rows, positions].set(n.astype(c.dtype), mode="drop") for c, n in zip(cache, new,
-                                                                                                     strict=True)))
+    return type(cache)(*(None if c is None else c.at[rows, positions].set(n.astype(c.dtype), mode="drop")
+                         for c, n in zip(cache, new, strict=True)))
 
 
 def _by_backend(choice: str, accelerated: str, cpu: str) -> str:
@@ -110,8 +121,7 @@ class AttentionMask(NamedTuple):
 
 def _keep(q_positions: jax.Array, q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
     """[b, 1, t, s] True where query t sees key s: computed inside the consuming fusion, per block."""
-    causal = jnp.arange(kv_segments.shape[1]) <= q_positions[..., None]
-    return (causal & (q_segments[..., None] == kv_segments[:, None, :]))[:, None]
+    return dsa.visible(q_positions, q_segments, kv_segments)[:, None]
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -138,29 +148,92 @@ def _softmax_attention(q, k, v, q_positions, q_segments, kv_segments, scale: flo
     return (_weighted(e.astype(v.dtype), v) / denom).astype(v.dtype)
 
 
+def query_blocks(fn, chunk: int, *xs: jax.Array):
+    """fn(*blocks) over blocks of `chunk` queries (axis 1 of every x), one lax.map step each, rematerialized in the
+    backward pass; the outputs (a pytree of [b, chunk, ...]) joined again along axis 1. No more queries than chunk
+    (per context shard), or chunk = 0: one call on everything. Under context parallelism each step takes one block
+    of every shard's queries (sharding.split_length), so every device works on its own queries."""
+    length = xs[0].shape[1]
+    if not chunk or length // length_shards() <= chunk:
+        return fn(*xs)
+
+    def block(args):
+        args = [nn.with_logical_constraint(a, ("batch", "length") + (None,) * (a.ndim - 2)) for a in args]
+        return fn(*args)
+
+    out = jax.lax.map(jax.checkpoint(block), tuple(split_length(x, chunk) for x in xs))
+    return jax.tree_util.tree_map(lambda o: merge_length(o, length), out)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float, chunk: int = 0) -> jax.Array:
     """softmax(scale * q k^T, masked) v. q [b, t, h, d]; k and v per head [b, s, h, .] or shared [b, s, .].
 
-    With chunk > 0 the queries go in blocks of `chunk` (one lax.map step each, rematerialized in the backward
-    pass), so at most [b, h, chunk, s] scores are live. Every block reads every key: skipping the fully masked key
-    blocks of a causal product is the Pallas kernel's job (unrolled blocks of different widths let XLA:CPU overlap
-    their rematerializations, doubling peak memory at 4k tokens)."""
-    length = q.shape[1]
-    if not chunk or length <= chunk:
-        return _softmax_attention(q, k, v, mask.positions(), mask.q_segments, mask.kv_segments, scale)
-    n = -(-length // chunk)
-    pad = n * chunk - length  # extra query rows are cut off again
-
-    def split(x):
-        x = jnp.pad(x, [(0, pad if a == 1 else 0) for a in range(x.ndim)])
-        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
-
-    def block(args):
-        q_blk, pos, seg = args
+    With chunk > 0 the queries go in blocks of `chunk` (query_blocks), so at most [b, h, chunk, s] scores are live.
+    Every block reads every key: skipping the fully masked key blocks of a causal product is the Pallas kernel's job
+    (unrolled blocks of different widths let XLA:CPU overlap their rematerializations, doubling peak memory at 4k
+    tokens)."""
+    def block(q_blk, pos, seg):
         return _softmax_attention(q_blk, k, v, pos, seg, mask.kv_segments, scale)
 
-    out = jax.lax.map(jax.checkpoint(block), (split(q), split(mask.positions()), split(mask.q_segments)))
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *out.shape[3:])[:, :length]
+    return query_blocks(block, chunk, q, mask.positions(), mask.q_segments)
+
+
+class IndexKeys(NamedTuple):
+    """The keys the indexer scores: k [b, S, d^I] (E4M3 codes when scale [b, S, 1] is given), and the
+    full-precision keys the training KL reads (None at inference)."""
+
+    k: jax.Array
+    scale: jax.Array | None = None
+    exact: jax.Array | None = None
+
+
+def attend_selected(q: jax.Array, kv: jax.Array, index: Index, keys: IndexKeys, mask: AttentionMask,
+                    cfg: ModelConfig, kl: bool = False) -> tuple[jax.Array, jax.Array]:
+    """DSA's main attention over the selected keys, absorbed form. q [b, t, h, C + R] ([W_UK^T q_C; q_R]); kv
+    [b, S, C + R] ([c_KV; k_R], the values are c_KV); per block of attention_chunk queries: select each query's
+    keys (indexer.select), gather their latents [b, chunk, K, C + R] and attend. Returns (out_latent [b, t, h, C],
+    per-query KL(p_main || softmax(I)) over the selected keys [b, t], zeros unless kl)."""
+    rows = jnp.arange(q.shape[0])[:, None, None]
+    c = cfg.kv_lora_rank
+
+    def block(q_blk, iq, iw, pos, seg):
+        slots, valid = dsa.select(iq, iw, keys.k, keys.scale, pos, seg, mask.kv_segments, cfg.index_topk,
+                                  cfg.index_key_block, cfg.dsa_fp8_indexer)
+        kv_sel = kv[rows, slots]  # [b, t, K, C + R]
+        s = jnp.einsum("bthd,btkd->bhtk", q_blk, kv_sel, preferred_element_type=jnp.float32) * cfg.softmax_scale
+        s = jnp.where(valid[:, None], s, _NEG)
+        e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+        denom = e.sum(-1)  # [b, h, t]
+        out = jnp.einsum("bhtk,btkc->bthc", e.astype(kv.dtype), kv_sel[..., :c], preferred_element_type=jnp.float32)
+        out = (out / jnp.moveaxis(denom, 1, 2)[..., None]).astype(q.dtype)
+        if not kl:
+            return out, jnp.zeros(pos.shape, jnp.float32)
+        p_main = jnp.mean(e / denom[..., None], axis=1)  # summed over heads, L1-normalized
+        logits = dsa.selected_scores(iq, iw, keys.exact[rows, slots])
+        return out, dsa.kl_to_main(p_main, logits, valid)
+
+    return query_blocks(block, cfg.attention_chunk, q, index.q, index.w, mask.positions(), mask.q_segments)
+
+
+def dense_index_loss(q: jax.Array, kv: jax.Array, index: Index, mask: AttentionMask, cfg: ModelConfig,
+                     mass: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The dense warm-up's indexer loss: per query KL(p_main || softmax(I)) over every visible key [b, t], p_main the
+    (absorbed-form) attention q [b, t, h, C + R] over kv [b, S, C + R] summed over heads and L1-normalized; and
+    with mass=True the share of p_main on the indexer's index_topk keys [b, t] (else zeros)."""
+    keys = IndexKeys(index.k)
+
+    def block(q_blk, iq, iw, pos, seg):
+        keep = _keep(pos, seg, mask.kv_segments)
+        p = jax.nn.softmax(jnp.where(keep, _scores(q_blk, kv) * cfg.softmax_scale, _NEG), axis=-1).mean(1)
+        vis = keep[:, 0]
+        loss = dsa.kl_to_main(p, dsa.scores(iq, iw, index.k), vis)
+        if not mass:
+            return loss, jnp.zeros_like(loss)
+        slots, valid = dsa.select(iq, iw, keys.k, None, pos, seg, mask.kv_segments, cfg.index_topk,
+                                  cfg.index_key_block, cfg.dsa_fp8_indexer)
+        return loss, jnp.sum(jnp.where(valid, jnp.take_along_axis(p, slots, axis=-1), 0.0), axis=-1)
+
+    return query_blocks(block, cfg.attention_chunk, q, index.q, index.w, mask.positions(), mask.q_segments)
 
 
 def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float) -> jax.Array:
@@ -177,6 +250,12 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: 
     per_head = P(rows, None, "tensor" if "tensor" in mesh.axis_names else None, None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(per_head,) * 3 + (P(rows, None),) * 3, out_specs=per_head,
                          check_vma=False)(*args)
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """Keys gathered over the sequence (rows stay split): under context parallelism an all-gather of the latents
+    (576 values per token for V3) and the indexer keys (128), not of per-head K/V."""
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 class MLA(nn.Module):
@@ -216,17 +295,56 @@ class MLA(nn.Module):
         out_proj = Linear(x.shape[-1], ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw)
 
         scale, chunk = cfg.softmax_scale, cfg.attention_chunk
+        index = Indexer(cfg, self.dtype, name="indexer")(x, c_q, cos, sin) if cfg.dsa else None
         if isinstance(cache, HeadCache):  # MHA's cache: each new token's K/V decompressed once, stored per head
+            if cfg.dsa:
+                raise ValueError("DSA selects latent cache slots; use the latent cache layout, not 'heads'")
             k_nope, v = jnp.einsum("bsc,chd->bshd", c_kv, w_uk), jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:-1], rope))], -1)
             cache = store(cache, (k, v), positions)
             k, v = (c[:, :mask.kv_len].astype(self.dtype) for c in cache)
             return out_proj(attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, scale, chunk)), cache
+        if cache is None and length_shards() > 1:  # context parallel: every query block may need every key
+            c_kv, k_rope, mask = _whole(c_kv), _whole(k_rope), mask._replace(kv_segments=_whole(mask.kv_segments))
+            index = None if index is None else index._replace(k=_whole(index.k))
+        keys = None if index is None else IndexKeys(*dsa.cached_keys(index.k, cfg.dsa_fp8_indexer, self.dtype),
+                                                    exact=index.k)
         form = "absorb" if self.absorb else "naive"
         if cache is not None:
-            cache = store(cache, (c_kv, k_rope), positions)
-            c_kv, k_rope = (c[:, :mask.kv_len].astype(self.dtype) for c in cache)
+            cache = store(cache, (c_kv, k_rope, *(keys[:2] if keys else (None, None))), positions)
+            c_kv, k_rope, index_k, index_scale = (None if c is None else c[:, :mask.kv_len] for c in cache)
+            c_kv, k_rope = c_kv.astype(self.dtype), k_rope.astype(self.dtype)
+            keys = None if index is None else IndexKeys(index_k, index_scale)
             form = "naive" if mask.kv_len == x.shape[1] else decode_form(cfg.decode_attention)
+        stats = cfg.dsa and self.is_mutable_collection("indexer_stats")
+        counted = (mask.q_segments != 0).astype(jnp.float32)  # padding queries carry no indexer loss
+
+        def sow(name: str, per_query: jax.Array) -> None:
+            self.sow("indexer_stats", name, jnp.sum(per_query * counted) / jnp.maximum(counted.sum(), 1.0),
+                     reduce_fn=lambda _, new: new)
+
+        if cfg.dsa and cfg.dsa_mode == "sparse" and mask.kv_len > cfg.index_topk:  # DSA: the selected keys only
+            q_latent = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, w_uk), q_rope], -1)
+            if form == "pallas":  # decoding: select here, gather and attend in the kernel
+                from kernels_pallas.mla_sparse_decode import mla_sparse_decode
+
+                slots, valid = dsa.select(index.q, index.w, keys.k, keys.scale, mask.positions(), mask.q_segments,
+                                          mask.kv_segments, cfg.index_topk, cfg.index_key_block, cfg.dsa_fp8_indexer)
+                out_latent = mla_sparse_decode(q_latent[..., :cfg.kv_lora_rank], q_rope, c_kv, k_rope,
+                                               jnp.where(valid, slots, -1), scale)
+            else:
+                out_latent, kl = attend_selected(q_latent, jnp.concatenate([c_kv, k_rope], -1), index, keys, mask,
+                                                 cfg, kl=stats)
+                if stats:
+                    sow("kl", kl)
+            return out_proj(jnp.einsum("bthc,chd->bthd", out_latent, w_uv)), cache
+        if stats:  # dense attention (the warm-up, or no more keys than index_topk): the KL over every visible key
+            q_latent = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, w_uk), q_rope], -1)
+            kl, mass = dense_index_loss(q_latent, jnp.concatenate([c_kv, k_rope], -1), index, mask, cfg,
+                                        mass=cfg.dsa_mode == "dense")
+            sow("kl", kl)
+            if cfg.dsa_mode == "dense":
+                sow("mass", mass)
         if form in ("absorb", "pallas"):  # attend in the latent space: keys and values are c_KV itself
             q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
             if form == "pallas":  # the T new tokens are each row's last: lengths = last position + 1

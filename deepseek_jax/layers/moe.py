@@ -108,7 +108,7 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
-        """x [tokens, embed], weights/idx [tokens, top_k] -> [tokens, embed]."""
+        """x [batch, length, embed], weights/idx [batch, length, top_k] -> [batch, length, embed]."""
         cfg = self.cfg
         n_exp, d, f = cfg.n_routed_experts, x.shape[-1], cfg.moe_intermediate_size
         init = nn.initializers.normal(cfg.initializer_range)
@@ -127,9 +127,10 @@ class Experts(nn.Module):
         if expert_axis_size() > 1:
             ragged = resolve_impl(cfg.moe_impl) == "ragged"
             return expert_parallel(ffn, x, weights, idx, params, ragged=ragged, chunk=cfg.moe_chunk_tokens)
+        flat_x, weights, idx = (a.reshape(-1, a.shape[-1]) for a in (x, weights, idx))
         order, expert, token = sort_by_expert(idx)
-        ys = ffn(x[token], jnp.bincount(expert, length=n_exp).astype(jnp.int32), *params)
-        return combine(ys, weights, order, token, x)
+        ys = ffn(flat_x[token], jnp.bincount(expert, length=n_exp).astype(jnp.int32), *params)
+        return combine(ys, weights, order, token, flat_x).reshape(x.shape)
 
 
 def expert_ffn(xs: jax.Array, sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -158,9 +159,7 @@ class MoE(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         weights, idx = Router(cfg, name="router")(x)
-        k = cfg.num_experts_per_tok
-        y = Experts(cfg, self.dtype, name="experts")(
-            x.reshape(-1, x.shape[-1]), weights.reshape(-1, k), idx.reshape(-1, k)).reshape(x.shape)
+        y = Experts(cfg, self.dtype, name="experts")(x, weights, idx)
         if cfg.n_shared_experts:
             y = y + MLP(cfg.n_shared_experts * cfg.moe_intermediate_size, self.dtype, cfg.initializer_range,
                         model_format(cfg), name="shared")(x)

@@ -1,6 +1,7 @@
 """Rotary embeddings on interleaved pairs (x0,x1),(x2,x3),... with YaRN (V2 appendix B.1).
 
-Only MLA's decoupled rope dims are rotated. YaRN blends interpolated and original frequencies
+Only MLA's decoupled rope dims are rotated. The V3.2 lightning indexer rotates halves instead, (x_i, x_{i+d/2}),
+with the same frequencies. YaRN blends interpolated and original frequencies
 with a linear ramp between the correction dims of beta_fast and beta_slow, and scales cos/sin
 by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
 """
@@ -51,3 +52,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+def apply_rope_halves(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the pairs (x_i, x_{i + d/2}) by frequency i (rotate_half, the DSA indexer's layout). x [batch, length,
+    heads, d]; cos/sin [batch, length, d/2]."""
+    x32 = x.astype(jnp.float32)
+    x0, x1 = x32[..., : x.shape[-1] // 2], x32[..., x.shape[-1] // 2:]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).astype(x.dtype)

@@ -23,7 +23,9 @@ from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from deepseek_jax.data.sft import THINK_OPEN
+
+THINK_CLOSE = "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 # Bounds on a countdown answer, all checked before any arithmetic is done.

@@ -19,9 +19,9 @@ import numpy as np
 
 import deepseek_jax.infer.decode as engine
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.data.sft import encode_prompt
 from deepseek_jax.model import DeepSeekV3
-from deepseek_jax.rl.grpo import group_advantages
-from deepseek_jax.rl.rewards import THINK_OPEN
+from deepseek_jax.rl.grpo import group_advantages, informative_groups, overlong_penalty
 from deepseek_jax.rl.tasks import Problem
 
 
@@ -112,15 +112,19 @@ def cut_at_stop(tokenizer: Any, ids: np.ndarray, stop: Sequence[str]) -> int:
 def collect(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, problems: Sequence[Problem], *,
             group_size: int, max_prompt_tokens: int, max_new_tokens: int, temperature: float, top_p: float,
             key: jax.Array, reward_weights: dict[str, float], stop: Sequence[str] = (),
-            chat: bool = False) -> Rollout:
+            chat: bool = False, overlong_buffer: int = 0) -> Rollout:
     """Sample `group_size` completions of each problem (through the compiled decode loop), score them with the
-    task's rewards and standardize the rewards within each group."""
+    task's rewards and standardize the rewards within each group. overlong_buffer > 0 adds DAPO's soft overlong
+    punishment (grpo.overlong_penalty, component "overlong") to the reward."""
     prompts, out, texts = sample(cfg, params, tokenizer, [p.prompt for p in problems for _ in range(group_size)],
                                  max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, key=key, stop=stop, chat=chat)
     scores = [task.score(problems[r // group_size], text) for r, text in enumerate(texts)]
     components = {name: np.asarray([s[name] for s in scores], np.float32) for name in scores[0]}
     rewards = sum(reward_weights.get(name, 0.0) * v for name, v in components.items())
+    if overlong_buffer:
+        components["overlong"] = overlong_penalty(out.num_generated, max_new_tokens, overlong_buffer)
+        rewards = rewards + components["overlong"]
     tokens, mask = layout(prompts, out.completions, out.num_generated, max_prompt_tokens + max_new_tokens,
                           max(tokenizer.pad_id, 0))
     advantages = np.asarray(group_advantages(jnp.asarray(rewards), group_size))
@@ -128,21 +132,17 @@ def collect(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, problems: 
                    np.asarray(out.num_generated))
 
 
-def encode_prompt(tokenizer: Any, text: str, max_tokens: int, chat: bool = False) -> list[int]:
-    """The prompt's ids, as launch.generate encodes them (HF tokenizers add their BOS). chat=True (a HF tokenizer
-    with a chat template) sends the prompt as a user turn and opens the reply with the prompt's trailing <think>,
-    as R1's template does. Longer than max_tokens is an error naming the fix."""
-    if chat:
-        if not hasattr(tokenizer, "apply_chat_template"):
-            raise ValueError("rl.chat needs a HF tokenizer with a chat template (init_from a HF checkpoint)")
-        question = text.removesuffix(THINK_OPEN).rstrip()
-        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}])
-                               + (THINK_OPEN if text.endswith(THINK_OPEN) else ""))
-    elif hasattr(tokenizer, "apply_chat_template"):
-        ids = tokenizer.encode(text, add_special_tokens=True)
-    else:
-        ids = tokenizer.encode(text)
-    if len(ids) > max_tokens:
-        raise ValueError(f"a prompt encodes to {len(ids)} tokens, more than rl.max_prompt_tokens={max_tokens}: "
-                         f"raise it (prompt: {text[:80]!r}...)")
-    return ids
+def keep_informative(rollouts: Sequence[Rollout], group_size: int, n_groups: int) -> tuple[Rollout, np.ndarray]:
+    """Dynamic sampling's batch: the first `n_groups` groups with reward spread across `rollouts` (in order), topped
+    up with the first uninformative ones when too few have any (they add no policy gradient). Returns the batch
+    and the indices of its groups among all the rollouts' groups."""
+    informative = np.concatenate([informative_groups(r.rewards, group_size) for r in rollouts])
+    order = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])[:n_groups]
+    rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)
+    def cat(get):
+        return np.concatenate([get(r) for r in rollouts])[rows]
+    texts = [t for r in rollouts for t in r.completions]
+    batch = Rollout(cat(lambda r: r.tokens), cat(lambda r: r.mask), cat(lambda r: r.rewards),
+                    {k: cat(lambda r, k=k: r.components[k]) for k in rollouts[0].components},
+                    cat(lambda r: r.advantages), [texts[i] for i in rows], cat(lambda r: r.lengths))
+    return batch, order

@@ -31,8 +31,8 @@ from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, CheckpointError, sigterm_flag
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.metrics import MetricsWriter, read_metrics
-from deepseek_jax.rl.grpo import grpo_loss
-from deepseek_jax.rl.rollout import Rollout, collect, sample, score, token_logprobs
+from deepseek_jax.rl.grpo import grpo_loss, informative_groups
+from deepseek_jax.rl.rollout import Rollout, collect, keep_informative, sample, score, token_logprobs
 from deepseek_jax.train.optimizer import make_optimizer
 
 
@@ -44,12 +44,13 @@ class GRPOState(flax.struct.PyTreeNode):
 
 
 def update(state: GRPOState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
-           epsilon: float, beta: float, loss_type: str) -> tuple[GRPOState, dict]:
+           epsilon: float, beta: float, loss_type: str, epsilon_high: float | None = None) -> tuple[GRPOState, dict]:
     """One optimizer step on the GRPO loss (DeepSeekMath eq. 3) of a scored rollout batch."""
     def loss_fn(params):
         logprobs, _, _ = token_logprobs(cfg, params, batch["tokens"], routes=batch.get("routes"))
         return grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
-                         batch["mask"], epsilon=epsilon, beta=beta, loss_type=loss_type)
+                         batch["mask"], epsilon=epsilon, beta=beta, loss_type=loss_type,
+                         epsilon_high=epsilon_high)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,19 +111,39 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
         writer.truncate_after(start)
         score_jit = jax.jit(functools.partial(score, cfg, replay=replay))
         update_jit = jax.jit(functools.partial(update, cfg=cfg, tx=tx, epsilon=rl.epsilon,
-                                               beta=rl.beta, loss_type=rl.loss_type), donate_argnums=0)
+                                               epsilon_high=rl.get("epsilon_high", rl.epsilon), beta=rl.beta,
+                                               loss_type=rl.loss_type), donate_argnums=0)
         key = jax.random.key(config.seed)
+        rounds = 1 + rl.get("dynamic_sampling", 0)
+
+        def rollouts(step: int) -> tuple[Rollout, list, dict[str, float]]:
+            """The step's rollout batch: per_step problems, G samples each. With dynamic sampling, groups whose
+            rewards are all equal are replaced by groups of more problems, up to `rounds` rollouts of per_step
+            (round r of step s draws train problems ((s-1) rounds + r) per_step + i: resume stays exact)."""
+            drawn, problems = [], []
+            for r in range(rounds):
+                batch = [task.train_problem(((step - 1) * rounds + r) * per_step + i) for i in range(per_step)]
+                drawn.append(collect(cfg, state.params, tokenizer, task, batch, group_size=group,
+                                     max_prompt_tokens=rl.max_prompt_tokens, max_new_tokens=rl.max_new_tokens,
+                                     temperature=rl.temperature, top_p=rl.top_p,
+                                     key=jax.random.fold_in(jax.random.fold_in(key, step), r), reward_weights=weights,
+                                     stop=stop, chat=rl.chat, overlong_buffer=rl.get("overlong_buffer", 0)))
+                problems += batch
+                if sum(informative_groups(d.rewards, group).sum() for d in drawn) >= per_step:
+                    break
+            rollout, order = keep_informative(drawn, group, per_step) if rounds > 1 else (drawn[0], range(per_step))
+            share = float(informative_groups(drawn[0].rewards, group).mean())
+            useful = float(informative_groups(rollout.rewards, group).mean())
+            return rollout, [problems[i] for i in order], {"groups_kept": share, "groups_informative": useful,
+                                                          "rollout_rounds": float(len(drawn))}
+
         with sigterm_flag() as signaled:
             bar = tqdm(total=config.steps, initial=start, desc="grpo", dynamic_ncols=True, file=sys.stderr,
                        disable=jax.process_index() != 0)
             try:
                 for step in range(start + 1, config.steps + 1):
                     t0 = time.time()
-                    problems = [task.train_problem((step - 1) * per_step + i) for i in range(per_step)]
-                    rollout = collect(cfg, state.params, tokenizer, task, problems, group_size=group,
-                                      max_prompt_tokens=rl.max_prompt_tokens, max_new_tokens=rl.max_new_tokens,
-                                      temperature=rl.temperature, top_p=rl.top_p, key=jax.random.fold_in(key, step),
-                                      reward_weights=weights, stop=stop, chat=rl.chat)
+                    rollout, problems, kept = rollouts(step)
                     batch = scored_batch(score_jit, state, rollout)
                     entropy = _masked_mean(batch.pop("entropy"), rollout.mask)
                     for _ in range(rl.mu):
@@ -133,7 +154,7 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if not math.isfinite(metrics["loss"]):
                         raise FloatingPointError(f"GRPO loss is {metrics['loss']} at step {step}; lower optim.lr")
-                    metrics |= rollout_metrics(rollout) | {"entropy": entropy, "step_time_s": time.time() - t0,
+                    metrics |= rollout_metrics(rollout) | kept | {"entropy": entropy, "step_time_s": time.time() - t0,
                                                            "lr": float(schedule(step * rl.mu - 1))}
                     if rl.eval_every and (step % rl.eval_every == 0 or step == config.steps):
                         metrics["eval_accuracy"] = evaluate(cfg, state.params, tokenizer, task, eval_set, rl)

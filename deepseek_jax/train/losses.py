@@ -11,6 +11,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.sharding import length_shards, split_length
+
 
 def shifted_targets(tokens: jax.Array, segment_ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """targets[i] = tokens[i + k]; mask[i] = same non-padding document. [batch, length] each."""
@@ -32,25 +34,40 @@ def chunked_cross_entropy_sum(x: jax.Array, head: Callable[[jax.Array], jax.Arra
     """cross_entropy_sum(head(x), targets, mask) with x [batch, length, embed], computed over `chunk`-position
     slices of the length (a scan): each slice's [batch, chunk, vocab] logits are rematerialized in the backward
     pass, so the [batch, length, vocab] logits and their gradient never exist whole. chunk=0: one slice."""
-    batch, length, _ = x.shape
-    if not chunk or chunk >= length:
+    length = x.shape[1]
+    if not chunk or chunk >= length // length_shards():
         return cross_entropy_sum(head(x), targets, mask)
-    if length % chunk:
-        raise ValueError(f"CE chunk {chunk} does not divide the sequence length {length}; pick a divisor")
-
-    def slices(a):  # [batch, length, ...] -> [length // chunk, batch, chunk, ...]; rows keep their sharding
-        return jnp.moveaxis(a.reshape(batch, length // chunk, chunk, *a.shape[2:]), 1, 0)
+    if (length // length_shards()) % chunk:
+        raise ValueError(f"CE chunk {chunk} does not divide the sequence length {length} (per context shard); "
+                         "pick a divisor")
 
     @jax.checkpoint
     def piece(total, xs):
         return total + cross_entropy_sum(head(xs[0]), xs[1], xs[2]), None
 
-    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), (slices(x), slices(targets), slices(mask)))
+    # blocks of `chunk` positions of every context shard at once: rows and shards keep their sharding
+    blocks = tuple(split_length(a, chunk) for a in (x, targets, mask))
+    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), blocks)
     return total
+
+
+def _stat_leaves(stats: dict, name: str) -> list[jax.Array]:
+    return [x for path, x in jax.tree_util.tree_flatten_with_path(stats or {})[0]
+            if getattr(path[-1], "key", None) == name]
 
 
 def sum_balance_loss(router_stats: dict) -> jax.Array:
     """Sum of every MoE layer's sequence-wise balance loss (already times alpha)."""
-    leaves = [x for path, x in jax.tree_util.tree_flatten_with_path(router_stats)[0]
-              if getattr(path[-1], "key", None) == "balance_loss"]
-    return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+    return sum((jnp.sum(x) for x in _stat_leaves(router_stats, "balance_loss")), jnp.zeros((), jnp.float32))
+
+
+def sum_indexer_loss(indexer_stats: dict) -> jax.Array:
+    """L^I summed over the layers with an indexer (V3.2 sec. 2.1): each layer's mean per-query
+    KL(p_main || softmax(I))."""
+    return sum((jnp.sum(x) for x in _stat_leaves(indexer_stats, "kl")), jnp.zeros((), jnp.float32))
+
+
+def mean_indexer_mass(indexer_stats: dict) -> jax.Array:
+    """The share of the dense attention's mass on the indexer's top-k keys, averaged over layers (NaN if unknown)."""
+    leaves = [jnp.ravel(x) for x in _stat_leaves(indexer_stats, "mass")]
+    return jnp.mean(jnp.concatenate(leaves)) if leaves else jnp.full((), jnp.nan)

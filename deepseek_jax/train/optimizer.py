@@ -8,6 +8,7 @@ decay applies to matrices only.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,10 +29,11 @@ def lr_schedule(lr: float, steps: int, warmup_steps: int, decay_start: float, fi
         boundaries=[*([warmup_steps] if warmup_steps else []), hold_until])
 
 
-def _labels(params: Any) -> Any:
+def _labels(params: Any, trainable: Callable[[tuple], bool] | None = None) -> Any:
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict({
-        k: "frozen" if k[-1] == BIAS else ("decay" if v.ndim >= 2 else "no_decay") for k, v in flat.items()})
+        k: "frozen" if k[-1] == BIAS or (trainable and not trainable(k)) else ("decay" if v.ndim >= 2 else "no_decay")
+        for k, v in flat.items()})
 
 
 def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: Any = jnp.float32) -> optax.GradientTransformation:
@@ -54,8 +56,10 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: Any = jnp.floa
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim: Any, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """optim: lr, warmup_steps, decay_start, final_lr_ratio, b1, b2, eps, weight_decay, clip, moment_dtype."""
+def make_optimizer(optim: Any, steps: int, trainable: Callable[[tuple], bool] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """optim: lr, warmup_steps, decay_start, final_lr_ratio, b1, b2, eps, weight_decay, clip, moment_dtype.
+    trainable(path of a param) -> False freezes that param (no update, no optimizer state)."""
     schedule = lr_schedule(optim.lr, steps, optim.warmup_steps, optim.decay_start, optim.final_lr_ratio)
 
     def adamw(wd: float) -> optax.GradientTransformation:
@@ -65,7 +69,7 @@ def make_optimizer(optim: Any, steps: int) -> tuple[optax.GradientTransformation
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip),
         optax.multi_transform({"decay": adamw(optim.weight_decay), "no_decay": adamw(0.0),
-                               "frozen": optax.set_to_zero()}, _labels),
+                               "frozen": optax.set_to_zero()}, functools.partial(_labels, trainable=trainable)),
     )
     return tx, schedule
 

@@ -1,7 +1,11 @@
-"""A run is one stage (pretrain, sft or grpo), or a chain of stages, each in its own subfolder of the workdir.
+"""A run is one stage (pretrain, sft, dsa_* or grpo), or a chain of stages, each in its own subfolder of the workdir.
+
+This module sits above both loops: `train.loop` knows language-model steps, `rl.trainer` GRPO's, and neither
+imports the other or this.
 
 A chain config lists its stages in `chain` (e.g. ("base", "grpo")) and holds each stage's full config under that
-name. A stage without `init_from` starts from the previous stage's workdir. A stage whose checkpoint already
+name. A stage without `init_from` starts from the previous stage's workdir; an `init_from` that names an earlier
+stage of the chain starts from that one's. A stage whose checkpoint already
 reached its `steps` is skipped, so rerunning the command resumes whichever stage was running.
 """
 
@@ -14,6 +18,8 @@ import ml_collections
 
 from deepseek_jax.checkpoint import Checkpointer
 from deepseek_jax.metrics import read_metrics
+from deepseek_jax.rl.trainer import train_grpo
+from deepseek_jax.train.loop import train_lm
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -27,7 +33,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     metrics, previous = [], ""
     for name in config.chain:
         stage = config[name].copy_and_resolve_references()  # an unlocked copy
-        if not stage.init_from and previous:
+        if stage.init_from in config.chain:
+            stage.init_from = os.path.join(workdir, stage.init_from)
+        elif not stage.init_from and previous:
             stage.init_from = previous
         stage_dir = previous = os.path.join(workdir, name)
         if finished(stage_dir, stage.steps):
@@ -40,13 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    if config.stage == "grpo":
-        from deepseek_jax.rl.trainer import train_grpo
-
-        return train_grpo(config, workdir)
-    from deepseek_jax.train.loop import train_lm
-
-    return train_lm(config, workdir)
+    return (train_grpo if config.stage == "grpo" else train_lm)(config, workdir)
 
 
 def finished(workdir: str, steps: int) -> bool:

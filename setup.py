@@ -25,10 +25,11 @@ setup(
         "ml_dtypes",
         "numpy",
         "tqdm",
+        "matplotlib",  # the learning curves a GRPO run draws (rl.curves)
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "tensorboard"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

@@ -46,7 +46,12 @@ def get_config() -> ml_collections.ConfigDict:
         offload=False))  # offload: optimizer state in pinned host memory, on the device only for the update
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     c.rl = rl_fields()
-    c.sft = ml_collections.ConfigDict(dict(chat=False))  # chat: render `messages` with the chat template
+    # chat: render `messages` with the chat template. make: in a chain, write the examples first ("coldstart" or
+    # "rejection", deepseek_jax.stages), for `examples` problems with `samples` completions each of the stage
+    # `sample_from` (rejection; default: the stage it starts from), kept when the rewards in `keep_on` (default: all
+    # of the task's) are 1
+    c.sft = ml_collections.ConfigDict(dict(chat=False, make="", examples=300, samples=8, sample_from="",
+                                           keep_on=()))
     return c
 
 
@@ -74,6 +79,9 @@ def rl_fields(**kw) -> ml_collections.ConfigDict:
         reward_weights=ml_collections.ConfigDict(dict(accuracy=1.0, format=1.0)),
         ref_refresh_every=0,  # 0 = never (R1: every 400 steps)
         routing_replay=True,  # replay the rollout's MoE routes in the update (V3.2 "Keep Routing")
+        # train problems from easier task settings first: task_args[arg] = levels[k], rising a level when the
+        # running (EMA) sampled accuracy reaches advance_at; the eval set keeps task_args (rl.curriculum)
+        curriculum=ml_collections.ConfigDict(dict(arg="", levels=(), advance_at=0.5, ema=0.9)),
         eval_every=25,
         eval_problems=64,
         samples_every=10,

@@ -13,10 +13,12 @@ from conftest import tiny_config
 from rl_toys import CharTokenizer, DigitTask
 
 import deepseek_jax as dsj
-from configs import countdown_r1zero, tiny
+from configs import countdown_r1, countdown_r1zero, tiny
 from deepseek_jax.data.sft import make_sft_iterator
+from deepseek_jax.metrics import read_metrics
 from deepseek_jax.rl.rejection import rejection_sample
 from deepseek_jax.rl.rollout import cut_at_stop, layout, token_logprobs
+from deepseek_jax.rl.tasks import full_response, make_task
 from deepseek_jax.rl.trainer import run_grpo
 from deepseek_jax.train.losses import cross_entropy_sum
 from deepseek_jax.train.step import loss_terms
@@ -157,8 +159,13 @@ def test_countdown_chain_through_launch_train(tmp_path):
     config.grpo.update(steps=2, log_every=1, checkpoint_every=2)
     config.grpo.rl.update(group_size=2, prompts_per_step=2, max_new_tokens=8, eval_every=2, eval_problems=4,
                           samples_every=1, dynamic_sampling=2, epsilon_high=0.28, overlong_buffer=4)  # + DAPO's
+    config.grpo.rl.curriculum.update(arg="num_numbers", levels=(2, 3), advance_at=0.0)  # rises after step 1
     metrics = train(config, str(tmp_path))
     assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["curriculum_level"] for m in metrics] == [0, 1]
+    samples = [json.loads(line) for line in open(tmp_path / "grpo" / "samples.jsonl")]
+    assert [s["prompt"].count(",") + s["prompt"].count(" and ") for s in samples] == [1] * 4 + [2] * 4
+    assert open(tmp_path / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     for key in ("reward", "accuracy", "format", "kl", "clip_fraction", "entropy", "response_length", "overlong"):
         assert key in metrics[-1], key
     for m in metrics:  # rounds stop once the batch is full of groups with reward spread, or after 1 + 2 rounds
@@ -166,10 +173,52 @@ def test_countdown_chain_through_launch_train(tmp_path):
         assert m["rollout_rounds"] == 3 or m["groups_informative"] == 1.0
         assert -1.0 <= m["overlong"] <= 0.0
     assert "eval_accuracy" in metrics[-1]
-    samples = [json.loads(line) for line in open(tmp_path / "grpo" / "samples.jsonl")]
     assert len(samples) == 2 * 2 * 2 and samples[0]["prompt"].startswith("Reach ")
     grpo_config = json.load(open(tmp_path / "grpo" / "config.json"))
     assert grpo_config["init_from"] == str(tmp_path / "base") and grpo_config["model"]["hidden_size"] == 64
     assert os.path.exists(tmp_path / "grpo" / "tokenizer.model")
     again = train(config, str(tmp_path))  # both stages are done: nothing runs, the last metrics come back
     assert again == metrics
+
+
+def test_r1_chain_reports_the_accuracy_of_every_stage(tmp_path):
+    """configs/countdown_r1.py shrunk: base, cold-start SFT on the program-written searches, GRPO, rejection
+    sampling + SFT, GRPO; accuracy.json holds every stage's held-out greedy accuracy, as evaluate() measures it."""
+    config = countdown_r1.get_config()
+    small = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, intermediate_size=128, n_routed_experts=0,
+                 num_nextn_predict_layers=0, q_lora_rank=32, kv_lora_rank=32)
+    for name in config.chain:
+        stage = config[name]
+        stage.model.update(small)
+        stage.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+        if stage.stage == "grpo":
+            stage.rl.update(group_size=2, prompts_per_step=2, max_new_tokens=8, eval_every=2, eval_problems=4,
+                            samples_every=0)
+    config.base.data.update(source="synthetic:explore:100", seq_len=64, batch_size=8)
+    for name in ("coldstart", "rejection"):
+        config[name].data.update(seq_len=128, batch_size=8)
+        config[name].sft.update(examples=30, samples=2)
+    config.rejection.sft.update(examples=12, keep_on=("language",))  # a 2-step model solves nothing
+    train(config, str(tmp_path))
+    accuracy = json.load(open(tmp_path / "accuracy.json"))
+    assert list(accuracy) == list(config.chain) and all(0.0 <= a <= 1.0 for a in accuracy.values())
+    coldstart = [json.loads(line) for line in open(tmp_path / "coldstart" / "examples.jsonl")]
+    assert len(coldstart) == 30 and all(ex["response"].endswith("</answer>") for ex in coldstart)
+    rejection = json.load(open(tmp_path / "rejection" / "config.json"))
+    assert rejection["init_from"] == str(tmp_path / "base")  # R1 fine-tunes the base on the RL model's samples
+    assert rejection["data"]["source"] == str(tmp_path / "rejection" / "examples.jsonl")
+    final = json.load(open(tmp_path / "final" / "config.json"))
+    assert final["init_from"] == str(tmp_path / "rejection")
+    assert "language" in read_metrics(tmp_path / "final")[-1]
+    from deepseek_jax.checkpoint import load_run
+    from deepseek_jax.data import run_tokenizer
+    from deepseek_jax.rl.rewards import countdown_accuracy
+    from deepseek_jax.rl.rollout import sample
+    cfg, params, _ = load_run(str(tmp_path / "final"))
+    task = make_task("countdown", seed=config.final.seed, **config.final.rl.task_args.to_dict())
+    problems = task.eval_problems()[:4]
+    _, _, texts = sample(cfg, params, run_tokenizer(str(tmp_path / "final")), [p.prompt for p in problems],
+                         max_prompt_tokens=64, max_new_tokens=8, stop=["</answer>"])
+    expected = np.mean([countdown_accuracy(full_response(p.prompt, t), **p.reward_args)
+                        for p, t in zip(problems, texts, strict=True)])
+    assert accuracy["final"] == expected

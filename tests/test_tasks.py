@@ -9,6 +9,8 @@ import pytest
 from deepseek_jax.data.errors import DataError
 from deepseek_jax.data.sources import synthetic_documents
 from deepseek_jax.data.synthetic import arithmetic_corpus
+from deepseek_jax.rl.coldstart import chains, coldstart_examples
+from deepseek_jax.rl.curriculum import Curriculum
 from deepseek_jax.rl.rewards import THINK_OPEN, evaluate_expression, format_reward
 from deepseek_jax.rl.tasks import (
     TASKS,
@@ -236,7 +238,7 @@ def _countdown_phrases() -> set[str]:
 def test_corpus_never_poses_countdown(corpus):
     phrases = _countdown_phrases()
     assert "use each number exactly once" in " ".join(phrases)
-    for doc in corpus + arithmetic_corpus(seed=0, n_docs=100, mix="combine"):
+    for doc in corpus + arithmetic_corpus(seed=0, n_docs=100, mix="combine") + arithmetic_corpus(0, 100, "explore"):
         lowered = doc.lower()
         assert not [ph for ph in phrases if ph in lowered], doc
         assert "[" not in doc  # no number lists at all
@@ -276,5 +278,106 @@ def test_combine_mix_is_small_number_combinations_and_tables():
     assert not other, other[:5]
     with pytest.raises(DataError, match="synthetic:MIX"):
         synthetic_documents("synthetic:fractions:10")
-    with pytest.raises(ValueError, match="unknown corpus mix 'x'; available: arithmetic, combine"):
+    with pytest.raises(ValueError, match="unknown corpus mix 'x'; available: arithmetic, combine, explore"):
         arithmetic_corpus(0, 1, mix="x")
+
+
+def test_explore_mix_tries_several_combinations_of_the_same_numbers():
+    """synthetic:explore: each exploration evaluates 1-8 combinations of the listed numbers (each used once, step by
+    step, every step right) with different values, and its answer restates the last one as one expression; no
+    target is ever named."""
+    text = "\n\n".join(arithmetic_corpus(seed=0, n_docs=60, mix="explore"))
+    found = re.findall(r"^Combine ([\d, and]+)\.\n<think> (.+?) </think> <answer> (.+?) = (\d+) </answer>$", text,
+                       flags=re.M)
+    multi = 0
+    for listed, think, expression, value in found:
+        listed = sorted(int(n) for n in re.findall(r"\d+", listed))
+        finals = []
+        for attempt in think.removesuffix(".").split(". "):
+            steps = [re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", step).groups() for step in attempt.split(", ")]
+            pool, previous = list(listed), None
+            for a, op, b, v in steps:  # each step joins the previous result (if any) with one unused listed number
+                a, b, v = int(a), int(b), int(v)
+                assert evaluate_expression(f"{a} {op} {b}") == v, attempt
+                assert previous is None or previous in (a, b), attempt
+                for x in ([a, b] if previous is None else [b if a == previous else a]):
+                    pool.remove(x)
+                previous = v
+            assert not pool, attempt  # every listed number used once
+            finals.append(previous)
+        assert len(set(finals)) == len(finals) <= 8
+        assert evaluate_expression(expression) == int(value) == finals[-1]
+        assert sorted(int(n) for n in re.findall(r"\d+", expression)) == listed
+        multi += len(finals) > 1
+    assert len(found) > 100 and multi > len(found) / 2
+
+
+def test_chains_enumerate_left_to_right_combinations():
+    """Every left-to-right combination of (2, 3), checked by hand; all of (4, 6, 8) evaluate to their value, step
+    by step."""
+    assert sorted(chains([2, 3])) == sorted([("2 + 3", 5, ("2 + 3 = 5",)), ("3 + 2", 5, ("3 + 2 = 5",)),
+                                             ("2 * 3", 6, ("2 * 3 = 6",)), ("3 * 2", 6, ("3 * 2 = 6",)),
+                                             ("3 - 2", 1, ("3 - 2 = 1",))])
+    three = list(chains([4, 6, 8]))
+    assert len(three) > 40 and all(evaluate_expression(e) == v and v >= 0 for e, v, _ in three)
+    assert ("(8 - 4) * 6", 24, ("8 - 4 = 4", "4 * 6 = 24")) in three
+    assert not [e for e, _, _ in three if e == "(6 + 8) / 2"]
+
+
+def test_coldstart_traces_search_and_check_then_answer():
+    """R1's cold start: every trace is in the format, solves its problem, and checks each try against the target."""
+    task = Countdown(seed=0, num_numbers=3, max_number=10, max_target=50, eval_size=20, template="reach")
+    examples = coldstart_examples(task, 150)
+    assert examples == coldstart_examples(task, 150)  # deterministic
+    lengths = set()
+    problems = iter(task.train_problem(i) for i in range(10_000))
+    for ex in examples:
+        problem = next(p for p in problems if p.prompt == ex["prompt"])  # in stream order, a few skipped
+        assert task.score(problem, ex["response"]) == {"accuracy": 1.0,
+                                                                                          "format": 1.0}
+        target = problem.reward_args["target"]
+        tries = re.findall(r"((?:\d+ [-+*/] \d+ = \d+, )+)(not|that is) (\d+)\.", ex["response"].split("</think>")[0])
+        assert tries and all(int(t) == target for *_, t in tries)
+        assert [word for _, word, _ in tries] == ["not"] * (len(tries) - 1) + ["that is"]
+        for steps, word, _ in tries:
+            values = [evaluate_expression(step.split(" = ")[0]) for step in steps.split(", ")[:-1]]
+            assert values == [int(step.split(" = ")[1]) for step in steps.split(", ")[:-1]]
+            assert (values[-1] == target) == (word == "that is")
+        lengths.add(len(tries))
+    assert lengths == set(range(1, 7))  # 0-5 misses, then the hit
+
+
+def test_language_consistency_joins_the_rewards():
+    task = Countdown(seed=0, num_numbers=3, eval_size=5, language="en")
+    p = task.train_problem(0)
+    assert task.reward_names == ("accuracy", "format", "language")
+    assert task.score(p, solved(p)) == {"accuracy": 1.0, "format": 1.0, "language": 1.0}
+    assert task.score(p, " 思考 </think> <answer> 1 </answer>")["language"] == 0.0
+    with pytest.raises(ValueError, match="unsupported language 'fr'"):
+        Countdown(seed=0, eval_size=5, language="fr")
+
+
+def test_curriculum_rises_with_the_running_accuracy():
+    """Levels by num_numbers; the running accuracy is an EMA (numpy reference) that restarts at each rise; the eval
+    set is the final task's and no level draws from it; state() / load() carry it across a resume."""
+    args = dict(num_numbers=3, max_number=6, max_target=30, eval_size=40, template="reach")
+    cur = Curriculum("countdown", 0, args, arg="num_numbers", levels=(2, 3), advance_at=0.5, ema=0.8)
+    assert cur.task.eval_problems() == Countdown(seed=0, **args).eval_problems()
+    assert all(len(cur.train_problem(i).reward_args["numbers"]) == 2 for i in range(20))
+    accs, running, level, seen = [0.2, 0.9, 1.0, 1.0, 1.0, 0.7, 1.0], 0.0, 0, []
+    for a in accs:
+        cur.observe(a)
+        running = 0.8 * running + 0.2 * a
+        if running >= 0.5 and level < 1:
+            level, running = level + 1, 0.0
+        seen.append(cur.level)
+        assert cur.running == pytest.approx(running) and cur.level == level
+    assert seen == [0, 0, 0, 0, 1, 1, 1]  # 0.04, 0.212, 0.370, 0.496, 0.597: rises at the fifth
+    assert all(len(cur.train_problem(i).reward_args["numbers"]) == 3 for i in range(20))
+    eval_keys = {p.key for p in cur.task.eval_problems()}
+    assert not eval_keys & {cur.train_problem(i).key for i in range(3000)}
+    again = Curriculum("countdown", 0, args, arg="num_numbers", levels=(2, 3), advance_at=0.5, ema=0.8)
+    again.load(cur.state())
+    assert again.state() == cur.state() and again.train_problem(5) == cur.train_problem(5)
+    with pytest.raises(ValueError, match=r"rl\.curriculum\.arg is empty"):
+        Curriculum("countdown", 0, args, levels=(2, 3))

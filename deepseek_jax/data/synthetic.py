@@ -137,15 +137,24 @@ def _section_worked_example(rng: random.Random) -> str:
 
 def _small_expression(rng: random.Random, operands: int) -> _Node:
     """Operands in [1, 12] joined left to right by + - * / with every result a non-negative integer."""
-    node = _leaf(rng.randint(1, 12))
-    for _ in range(operands - 1):
-        n = rng.randint(1, 12)
+    return _chain(rng, [rng.randint(1, 12) for _ in range(operands)])
+
+
+def _chain(rng: random.Random, numbers: list[int]) -> _Node:
+    """`numbers` (each once, in this order) joined left to right by + - * /, every result a non-negative integer;
+    a commutative step puts the new number on either side."""
+    node = _leaf(numbers[0])
+    for n in numbers[1:]:
         ops = ["+", "*"] + (["-"] if node.value >= n else []) + (["/"] if node.value % n == 0 else [])
         op = rng.choice(ops)
         value = {"+": node.value + n, "-": node.value - n, "*": node.value * n, "/": node.value // max(n, 1)}[op]
         in_front = rng.random() < 0.3 and op in "+*"  # commutative: either side
         node = _join(_leaf(n), op, node, value) if in_front else _join(node, op, _leaf(n), value)
     return node
+
+
+def _listed(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
 
 
 def _section_combine(rng: random.Random) -> str:
@@ -155,13 +164,31 @@ def _section_combine(rng: random.Random) -> str:
         node = _small_expression(rng, rng.randint(2, 3))
         numbers = [int(t) for t in node.text.replace("(", " ").replace(")", " ").split() if t.isdigit()]
         rng.shuffle(numbers)
-        listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
         if rng.random() < 0.5:
-            lines.append(f"Combine {listed}: {node.text} = {node.value}.")
+            lines.append(f"Combine {_listed(numbers)}: {node.text} = {node.value}.")
         else:
             think = " ".join(_narrated_steps(node.steps))
-            lines.append(f"Combine {listed}.\n<think> {think} </think> <answer> {node.text} = {node.value} </answer>")
+            lines.append(f"Combine {_listed(numbers)}.\n<think> {think} </think> <answer> {node.text} = {node.value} "
+                         "</answer>")
     return "\n".join(lines)
+
+
+def _section_explore(rng: random.Random) -> str:
+    """One set of 2-3 small numbers combined in 1-8 ways with different results, each evaluated step by step in the
+    think block ("3 + 8 = 11, 11 * 9 = 99."); the answer restates the last one as one expression. Forward
+    evaluation only (no target is ever named): which try to stop at is what RL has to learn."""
+    numbers = [rng.randint(1, 12) for _ in range(rng.randint(2, 3))]
+    tries: dict[int, _Node] = {}
+    want = rng.randint(1, 8)
+    for _ in range(4 * want):
+        if len(tries) == want:
+            break
+        node = _chain(rng, rng.sample(numbers, len(numbers)))
+        tries.setdefault(node.value, node)
+    think = " ".join(", ".join(node.steps) + "." for node in tries.values())
+    last = list(tries.values())[-1]
+    rng.shuffle(numbers)
+    return f"Combine {_listed(numbers)}.\n<think> {think} </think> <answer> {last.text} = {last.value} </answer>"
 
 
 def _section_table(rng: random.Random) -> str:
@@ -178,6 +205,8 @@ CORPORA: dict[str, _Mix] = {
     # the laptop-scale base: small-number combinations and times tables only, which a tiny model learns to
     # copy and evaluate in ~1000 steps (with the full mix it has not learned to copy the listed numbers by then)
     "combine": ((_section_combine, 8), (_section_table, 1)),
+    # explorations: several ways to combine the same numbers, evaluated one after another, and times tables
+    "explore": ((_section_explore, 8), (_section_table, 1)),
 }
 _TITLES = ("Arithmetic practice", "Worked examples", "Notes on arithmetic", "Exercises with answers",
            "Mental math", "Step by step")

@@ -41,6 +41,7 @@ from deepseek_jax.rl.rewards import (
     arithmetic_accuracy,
     countdown_accuracy,
     format_reward,
+    language_consistency,
 )
 
 
@@ -132,9 +133,13 @@ class _Task(abc.ABC):
     reward_names: tuple[str, ...] = ("accuracy", "format")
     _accuracy: Callable[..., float]
 
-    def __init__(self, seed: int, eval_size: int, template: str):
+    def __init__(self, seed: int, eval_size: int, template: str, language: str = ""):
         if eval_size < 0:
             raise ValueError(f"eval_size must be >= 0, got {eval_size}")
+        if language:
+            language_consistency("", language)  # an unsupported language is a ValueError now, not mid-run
+            self.reward_names = (*self.reward_names, "language")
+        self.language = language
         self.seed = seed
         self.eval_size = eval_size
         self.template = template
@@ -164,6 +169,16 @@ class _Task(abc.ABC):
                              f"{len(problems)}); the problem space is too small for this eval_size")
         return problems
 
+    @property
+    def eval_keys(self) -> frozenset:
+        """The keys the train stream never draws: the eval set's, and any held out with `holding_out`."""
+        return self._eval_keys
+
+    def holding_out(self, keys: frozenset) -> _Task:
+        """This task, its train stream also kept clear of `keys` (another task's eval set); returns self."""
+        self._eval_keys = self._eval_keys | keys
+        return self
+
     def eval_problems(self) -> list[Problem]:
         """The fixed eval set: `eval_size` distinct problems, the same for the same seed and settings."""
         return list(self._eval)
@@ -179,9 +194,11 @@ class _Task(abc.ABC):
         raise RuntimeError(f"{self.name}: train problem {i} kept colliding with the eval set")
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        """{reward name: value} for a completion (the text generated after `problem.prompt`)."""
+        """{reward name: value} for a completion (the text generated after `problem.prompt`); with a `language`,
+        also R1's language consistency of the chain of thought."""
         text = full_response(problem.prompt, completion)
-        return {"accuracy": self._accuracy(text, **problem.reward_args), "format": format_reward(text)}
+        out = {"accuracy": self._accuracy(text, **problem.reward_args), "format": format_reward(text)}
+        return out | ({"language": language_consistency(text, self.language)} if self.language else {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,13 +257,14 @@ class Countdown(_Task):
 
     `num_numbers` is how many numbers a problem has (an int, or an inclusive (min, max) range; at most 8, so a
     reference answer stays well inside the reward's token bounds), the numbers are in [1, max_number], the target
-    is an integer in [1, max_target]. Rewards: accuracy (`countdown_accuracy`), format (`format_reward`)."""
+    is an integer in [1, max_target]. Rewards: accuracy (`countdown_accuracy`), format (`format_reward`), and
+    with a `language` ("en", "zh") R1's language consistency (`language_consistency`)."""
 
     name = "countdown"
     _accuracy = staticmethod(countdown_accuracy)
 
     def __init__(self, seed: int = 0, num_numbers: int | Sequence[int] = (3, 4), max_number: int = 25,
-                 max_target: int = 100, eval_size: int = 200, template: str = "r1"):
+                 max_target: int = 100, eval_size: int = 200, template: str = "r1", language: str = ""):
         self.num_numbers = _int_range(num_numbers, "num_numbers", 2, 8)
         if not 1 <= max_number < 10**MAX_LITERAL_DIGITS:
             raise ValueError(f"max_number must be in [1, {10**MAX_LITERAL_DIGITS - 1}], got {max_number}")
@@ -254,7 +272,7 @@ class Countdown(_Task):
             raise ValueError(f"max_target must be >= 1, got {max_target}")
         self.max_number = max_number
         self.max_target = max_target
-        super().__init__(seed, eval_size, template)
+        super().__init__(seed, eval_size, template, language)
 
     def _sample(self, rng: random.Random) -> Problem:
         lo, hi = self.num_numbers
@@ -291,13 +309,13 @@ class Arithmetic(_Task):
     _accuracy = staticmethod(arithmetic_accuracy)
 
     def __init__(self, seed: int = 0, digits: int | Sequence[int] = (2, 3), ops: Sequence[str] = ("+", "-", "*"),
-                 eval_size: int = 200, template: str = "r1"):
+                 eval_size: int = 200, template: str = "r1", language: str = ""):
         self.digits = _int_range(digits, "digits", 1, 9)
         ops = tuple(ops)
         if not ops or any(op not in _INT_OPS for op in ops):
             raise ValueError(f"ops must be a non-empty subset of {sorted(_INT_OPS)}, got {ops!r}")
         self.ops = ops
-        super().__init__(seed, eval_size, template)
+        super().__init__(seed, eval_size, template, language)
 
     def _operand(self, rng: random.Random) -> int:
         d = rng.randint(*self.digits)

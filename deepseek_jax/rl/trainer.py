@@ -62,12 +62,14 @@ def train_grpo(config: Any, workdir: str) -> list[dict]:
     """Stage "grpo" of launch.train: the policy from init_from (a training run or a HF directory, with its
     tokenizer and chat template; a random init if unset), the task from rl.task and rl.task_args."""
     from deepseek_jax.model import init_params
-    from deepseek_jax.rl.tasks import make_task
+    from deepseek_jax.rl.curriculum import Curriculum
     from deepseek_jax.train.start import initial_params, prepare
 
     workdir = os.path.abspath(workdir)
     cfg, tokenizer = prepare(config, workdir)
-    task = make_task(config.rl.task, seed=config.seed, **config.rl.task_args.to_dict())
+    levels = config.rl.get("curriculum", {})
+    curriculum = Curriculum(config.rl.task, config.seed, config.rl.task_args.to_dict(),
+                            **(levels.to_dict() if levels else {}))
     if config.init_from:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -75,12 +77,15 @@ def train_grpo(config: Any, workdir: str) -> list[dict]:
         params = initial_params(config.init_from, like)
     else:
         params = init_params(cfg, jax.random.key(config.seed))
-    return run_grpo(cfg, params, tokenizer, task, config, workdir)
+    return run_grpo(cfg, params, tokenizer, curriculum.task, config, workdir, curriculum=curriculum)
 
 
-def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: Any, workdir: str) -> list[dict]:
+def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: Any, workdir: str,
+             curriculum: Any = None) -> list[dict]:
     """GRPO on `task` from `params`; config: steps, seed, log_every, checkpoint_every, keep_checkpoints, optim.*,
-    rl.*. SIGTERM ends the run after the current step, with a checkpoint. Returns the logged metrics."""
+    rl.*. With a `curriculum` (rl.curriculum.Curriculum) the train problems come from its current level, and the
+    eval set stays `task`'s. SIGTERM ends the run after the current step, with a checkpoint. Returns the logged
+    metrics."""
     rl = config.rl
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -105,8 +110,10 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
                                       "--workdir")
             start = 0
         else:
-            start, state, _ = ckpt.restore(jax.tree_util.tree_map(
+            start, state, data = ckpt.restore(jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+            if curriculum is not None:
+                curriculum.load(data)
             print(f"resumed GRPO from step {start} in {workdir}", file=sys.stderr)
         writer.truncate_after(start)
         score_jit = jax.jit(functools.partial(score, cfg, replay=replay))
@@ -115,6 +122,7 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
                                                loss_type=rl.loss_type), donate_argnums=0)
         key = jax.random.key(config.seed)
         rounds = 1 + rl.get("dynamic_sampling", 0)
+        stream = curriculum or task
 
         def rollouts(step: int) -> tuple[Rollout, list, dict[str, float]]:
             """The step's rollout batch: per_step problems, G samples each. With dynamic sampling, groups whose
@@ -122,7 +130,7 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
             (round r of step s draws train problems ((s-1) rounds + r) per_step + i: resume stays exact)."""
             drawn, problems = [], []
             for r in range(rounds):
-                batch = [task.train_problem(((step - 1) * rounds + r) * per_step + i) for i in range(per_step)]
+                batch = [stream.train_problem(((step - 1) * rounds + r) * per_step + i) for i in range(per_step)]
                 drawn.append(collect(cfg, state.params, tokenizer, task, batch, group_size=group,
                                      max_prompt_tokens=rl.max_prompt_tokens, max_new_tokens=rl.max_new_tokens,
                                      temperature=rl.temperature, top_p=rl.top_p,
@@ -134,8 +142,9 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
             rollout, order = keep_informative(drawn, group, per_step) if rounds > 1 else (drawn[0], range(per_step))
             share = float(informative_groups(drawn[0].rewards, group).mean())
             useful = float(informative_groups(rollout.rewards, group).mean())
-            return rollout, [problems[i] for i in order], {"groups_kept": share, "groups_informative": useful,
-                                                          "rollout_rounds": float(len(drawn))}
+            return rollout, [problems[i] for i in order], {
+                "groups_kept": share, "groups_informative": useful, "rollout_rounds": float(len(drawn)),
+                "sampled_accuracy": float(drawn[0].components.get("accuracy", drawn[0].rewards).mean())}
 
         with sigterm_flag() as signaled:
             bar = tqdm(total=config.steps, initial=start, desc="grpo", dynamic_ncols=True, file=sys.stderr,
@@ -144,6 +153,10 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
                 for step in range(start + 1, config.steps + 1):
                     t0 = time.time()
                     rollout, problems, kept = rollouts(step)
+                    sampled_accuracy = kept.pop("sampled_accuracy")
+                    if curriculum is not None:
+                        kept |= curriculum.state()  # the level this step's problems came from
+                        curriculum.observe(sampled_accuracy)
                     batch = scored_batch(score_jit, state, rollout)
                     entropy = _masked_mean(batch.pop("entropy"), rollout.mask)
                     for _ in range(rl.mu):
@@ -166,7 +179,8 @@ def run_grpo(cfg: ModelConfig, params: Any, tokenizer: Any, task: Any, config: A
                     bar.update(1)
                     stopping = bool(signaled["signal"])
                     if stopping or step % config.checkpoint_every == 0 or step == config.steps:
-                        ckpt.save(step, state, {"step": step}, wait=stopping)
+                        ckpt.save(step, state, {"step": step, **(curriculum.state() if curriculum else {})},
+                                  wait=stopping)
                     if signaled["signal"]:
                         print(f"signal {signaled['signal']}: saved step {step}, exiting", file=sys.stderr)
                     if stopping:

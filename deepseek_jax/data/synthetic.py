@@ -140,14 +140,24 @@ def _small_expression(rng: random.Random, operands: int) -> _Node:
     return _chain(rng, [rng.randint(1, 12) for _ in range(operands)])
 
 
+def chain_ops(value: int, n: int) -> dict[str, int]:
+    """{op: value op n} for the ops of a left-to-right step that keep the result a non-negative integer (n >= 1)."""
+    out = {"+": value + n, "*": value * n}
+    if value >= n:
+        out["-"] = value - n
+    if value % n == 0:
+        out["/"] = value // n
+    return out
+
+
 def _chain(rng: random.Random, numbers: list[int]) -> _Node:
     """`numbers` (each once, in this order) joined left to right by + - * /, every result a non-negative integer;
     a commutative step puts the new number on either side."""
     node = _leaf(numbers[0])
     for n in numbers[1:]:
-        ops = ["+", "*"] + (["-"] if node.value >= n else []) + (["/"] if node.value % n == 0 else [])
-        op = rng.choice(ops)
-        value = {"+": node.value + n, "-": node.value - n, "*": node.value * n, "/": node.value // max(n, 1)}[op]
+        ops = chain_ops(node.value, n)
+        op = rng.choice(sorted(ops, key="+*-/".index))
+        value = ops[op]
         in_front = rng.random() < 0.3 and op in "+*"  # commutative: either side
         node = _join(_leaf(n), op, node, value) if in_front else _join(node, op, _leaf(n), value)
     return node

@@ -16,13 +16,8 @@ import itertools
 import random
 from collections.abc import Iterator, Sequence
 
+from deepseek_jax.data.synthetic import chain_ops
 from deepseek_jax.rl.tasks import Problem
-
-_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
-
-
-def _legal(op: str, a: int, b: int) -> bool:
-    return op in "+*" or (op == "-" and a >= b) or (op == "/" and b > 0 and a % b == 0)
 
 
 def chains(numbers: Sequence[int]) -> Iterator[tuple[str, int, tuple[str, ...]]]:
@@ -36,12 +31,10 @@ def chains(numbers: Sequence[int]) -> Iterator[tuple[str, int, tuple[str, ...]]]
             grown = []
             for text, value, steps in partial:
                 inner = f"({text})" if steps else text
-                for op in "+-*/":
-                    if _legal(op, value, n):
-                        v = _APPLY[op](value, n)
-                        grown.append((f"{inner} {op} {n}", v, (*steps, f"{value} {op} {n} = {v}")))
-                        if op in "+*":
-                            grown.append((f"{n} {op} {inner}", v, (*steps, f"{n} {op} {value} = {v}")))
+                for op, v in chain_ops(value, n).items():
+                    grown.append((f"{inner} {op} {n}", v, (*steps, f"{value} {op} {n} = {v}")))
+                    if op in "+*":
+                        grown.append((f"{n} {op} {inner}", v, (*steps, f"{n} {op} {value} = {v}")))
             partial = grown
         for text, value, steps in partial:
             if text not in seen:

@@ -27,7 +27,6 @@ class Curriculum:
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"rl.curriculum.ema must be in [0, 1), got {ema}")
         self.task = make_task(name, seed=seed, **task_args)
-        self.arg = arg
         self.levels = [make_task(name, seed=seed, **(task_args | {arg: value, "eval_size": 0})).holding_out(
             self.task.eval_keys) for value in levels]
         self.advance_at, self.ema = advance_at, ema

@@ -26,10 +26,14 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",  # the learning curves a GRPO run draws (rl.curves)
+        "fastapi",  # launch.serve: the OpenAI-compatible HTTP API
+        "uvicorn",
+        "prometheus-client",
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "tensorboard"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "nbclient", "ipykernel", "tensorboard",
+                "openai", "httpx"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

@@ -299,9 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- main comparison ----------------------------------------------------------------------
     try:
-        from deepseek_jax.layers.gmm import resolve_impl
+        from deepseek_jax.backend import resolve
 
-        impl = resolve_impl(cfg.moe_impl)
+        impl = resolve("moe_impl", cfg.moe_impl)
     except (ImportError, ValueError):
         impl = cfg.moe_impl
     jax_main = measure_jax({f"jax moe_impl={cfg.moe_impl}->{impl}": cfg}, batch, seq, steps)

@@ -24,13 +24,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.backend import resolve
 from kernels_pallas.fp8_gemm import BLOCK_K, check_operands, column_scales, fp8_gemm
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = BLOCK_K
 SCALE_FMTS = ("fp32", "ue8m0")
-GEMM_IMPLS = ("auto", "pallas", "xla")
 K_BLOCKS_PER_DOT = 8  # the XLA path contracts up to 8 K blocks per batched dot: FP32 partials <= 8x the output
 
 
@@ -142,24 +142,11 @@ def gemm_xla(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, out
     return out.astype(out_dtype)
 
 
-def resolve_gemm(impl: str = "auto") -> str:
-    """"auto": the Pallas kernel on CUDA GPUs with FP8 tensor cores (compute capability 8.9 and up), else XLA."""
-    if impl not in GEMM_IMPLS:
-        raise ValueError(f"fp8 gemm impl {impl!r}: choose one of {GEMM_IMPLS}")
-    if impl != "auto":
-        return impl
-    device = jax.devices()[0]
-    cc = str(getattr(device, "compute_capability", "")).split(".")  # CUDA: "9.0"
-    if device.platform != "gpu" or len(cc) != 2 or not all(p.isdigit() for p in cc):
-        return "xla"
-    return "pallas" if (int(cc[0]), int(cc[1])) >= (8, 9) else "xla"
-
-
 def gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, out_dtype: jnp.dtype = jnp.float32,
          impl: str = "auto") -> jax.Array:
     """The block-scaled FP8 GEMM: "pallas" (kernels_pallas.fp8_gemm; interpreted on CPU), "xla" (gemm_xla), or
-    "auto" (resolve_gemm: the kernel on CUDA GPUs with FP8 tensor cores, XLA elsewhere)."""
-    if resolve_gemm(impl) == "pallas":
+    "auto" (backend "fp8_gemm": the kernel on CUDA GPUs with FP8 tensor cores, XLA elsewhere)."""
+    if resolve("fp8_gemm", impl) == "pallas":
         return fp8_gemm(a_q, a_s, b_q, b_s, out_dtype)
     return gemm_xla(a_q, a_s, b_q, b_s, out_dtype)
 
@@ -220,9 +207,12 @@ def _bprop(gemms, scale_fmt, res, dy):
 fp8_linear.defvjp(_fprop, _bprop)
 
 
-@functools.cache
 def dense_gemms(impl: str = "auto") -> Gemms:
-    impl = resolve_gemm(impl)
+    return _dense_gemms(resolve("fp8_gemm", impl))
+
+
+@functools.cache
+def _dense_gemms(impl: str) -> Gemms:
     return Gemms(functools.partial(_dense_fprop, impl=impl), functools.partial(dense_wgrad, impl=impl))
 
 

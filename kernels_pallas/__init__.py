@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepseek_jax.backend import KERNEL_BODIES
+
 NEG = -1e30  # a finite -inf for running maxima: a row that sees nothing keeps l = 0 and gives zeros, never NaN
 
 
@@ -20,8 +22,7 @@ def by_platform(body: Callable, interpret: bool | None, *args):
     def pick(family: str, default: bool) -> Callable:
         return functools.partial(body, family=family, interpret=default if interpret is None else interpret)
 
-    return lax.platform_dependent(*args, tpu=pick("tpu", False), cuda=pick("gpu", False), rocm=pick("gpu", False),
-                                  default=pick("gpu", True))
+    return lax.platform_dependent(*args, **{where: pick(*how) for where, how in KERNEL_BODIES.items()})
 
 
 def dot(a: jax.Array, b: jax.Array, ca: int = 1, cb: int = 1) -> jax.Array:

@@ -43,8 +43,10 @@ def _online_step(q, qr, kv, kr, carry, *, length, row0, pos0, scale: float, head
     return online_softmax(carry, (dot(q, kv) + dot(qr, kr)) * scale, pos < limit, kv)
 
 
-def _gpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, *, bk: int, per_split: int, **kw):
-    """Program (head block, split, row): a loop over the split's KV blocks that hold any key below the length."""
+def _gpu_kernel(len_ref, *refs, bk: int, per_split: int, paged: bool, **kw):
+    """Program (head block, split, row): a loop over the split's KV blocks that hold any key below the length
+    (paged: block i is page table[i] of the whole pool)."""
+    table_ref, (q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref) = (refs[0], refs[1:]) if paged else (None, refs)
     length = len_ref[()]
     q, qr = q_ref[...], qr_ref[...]
     bh, c = q.shape
@@ -53,9 +55,10 @@ def _gpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, *, bk: i
 
     def body(i, carry):
         start = pl.multiple_of(i * bk, bk)
+        src = pl.multiple_of(table_ref[i] * bk, bk) if paged else start
         live = (start + jnp.arange(bk) < length)[:, None]  # the loads zero keys past the length
-        kv = plgpu.load(kv_ref.at[pl.ds(start, bk), :], mask=live, other=0)
-        kr = plgpu.load(kr_ref.at[pl.ds(start, bk), :], mask=live, other=0)
+        kv = plgpu.load(kv_ref.at[pl.ds(src, bk), :], mask=live, other=0)
+        kr = plgpu.load(kr_ref.at[pl.ds(src, bk), :], mask=live, other=0)
         return _online_step(q, qr, kv, kr, carry, length=length, row0=row0, pos0=start, **kw)
 
     o, lse = online_finish(*lax.fori_loop(lo, hi, body, online_init(bh, c)))
@@ -63,9 +66,10 @@ def _gpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, *, bk: i
     lse_ref[...] = lse
 
 
-def _tpu_kernel(len_ref, q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, bk: int,
-                per_split: int, **kw):
-    """Grid step (row, split, j): KV block split * per_split + j, DMA'd to VMEM; skipped past the length."""
+def _tpu_kernel(len_ref, *refs, bk: int, per_split: int, paged: bool, **kw):
+    """Grid step (row, split, j): KV block split * per_split + j (paged: the page the prefetched table names),
+    DMA'd to VMEM; skipped past the length."""
+    q_ref, qr_ref, kv_ref, kr_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[1:] if paged else refs
     length = len_ref[pl.program_id(0)]
     j = pl.program_id(2)
     start = (pl.program_id(1) * per_split + j) * bk
@@ -102,31 +106,53 @@ def _default_splits(programs: int, blocks: int, family: str) -> int:
 
 def mla_decode(q_latent: jax.Array, q_rope: jax.Array, kv_latent: jax.Array, k_rope: jax.Array,
                lengths: jax.Array, softmax_scale: float, interpret: bool | None = None, *,
-               block_kv: int | None = None, num_splits: int | None = None) -> jax.Array:
+               block_kv: int | None = None, num_splits: int | None = None,
+               page_table: jax.Array | None = None) -> jax.Array:
     """Absorbed-MLA decode attention of q_latent [B, H, C] or [B, T, H, C] and q_rope [.., R] over kv_latent
     [B, L, C] and k_rope [B, L, R], lengths [B] valid keys per row (the T queries are a row's last T tokens:
     query t sees lengths - (T - 1 - t) keys); returns [.., C] in q_latent's dtype, zeros where nothing is visible.
 
+    Paged (page_table [B, max_pages] int32): kv_latent [num_pages, page, C] and k_rope [num_pages, page, R] are one
+    pool of pages, and row b's key s is at page page_table[b, s // page], offset s % page; a KV block is a page,
+    read straight from the pool (scalar-prefetched page ids on TPU), never gathered into a contiguous copy.
+
     interpret=None interprets on CPU. block_kv: keys per block (default 64 on GPU, up to 512 on TPU; Triton wants
-    powers of two >= 16, as C and R). num_splits: programs per row along the sequence (default: about two
-    programs per SM, at least 4 KV blocks each)."""
-    body = functools.partial(_mla_decode, softmax_scale=softmax_scale, block_kv=block_kv, num_splits=num_splits)
-    return by_platform(body, interpret, q_latent, q_rope, kv_latent, k_rope, lengths)
+    powers of two >= 16, as C and R; paged: the page size). num_splits: programs per row along the sequence
+    (default: about two programs per SM, at least 4 KV blocks each)."""
+    def body(q_latent, q_rope, kv_latent, k_rope, lengths, *table, interpret: bool, family: str) -> jax.Array:
+        return _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale, interpret, block_kv=block_kv,
+                           num_splits=num_splits, family=family, table=table[0] if table else None)
+
+    # "no page" entries of a table lie past their row's length: clipped, they are never read
+    table = () if page_table is None else (jnp.clip(page_table.astype(jnp.int32), 0, kv_latent.shape[0] - 1),)
+    return by_platform(body, interpret, q_latent, q_rope, kv_latent, k_rope, lengths, *table)
 
 
 def _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale: float, interpret: bool, *,
-                block_kv: int | None, num_splits: int | None, family: str) -> jax.Array:
+                family: str, block_kv: int | None = None, num_splits: int | None = None, table: jax.Array | None = None
+                ) -> jax.Array:
+    paged = table is not None
     shape = q_latent.shape
     if q_latent.ndim not in (3, 4) or q_rope.shape[:-1] != shape[:-1]:
         raise ValueError(f"q_latent {shape} / q_rope {q_rope.shape}: want [B, H, C] / [B, H, R] or [B, T, H, ..]")
     batch, queries, heads, c = shape if q_latent.ndim == 4 else (shape[0], 1, *shape[1:])
-    r, length_max = q_rope.shape[-1], kv_latent.shape[1]
-    if kv_latent.shape != (batch, length_max, c) or k_rope.shape != (batch, length_max, r):
-        raise ValueError(f"kv_latent {kv_latent.shape} / k_rope {k_rope.shape} do not match q {shape}")
+    r = q_rope.shape[-1]
     rows = queries * heads
-    bk = block_kv or (64 if family == "gpu" else min(512, pl.cdiv(length_max, 128) * 128))
-    padded = pl.cdiv(length_max, bk) * bk  # a ragged last block is zero-padded (a copy: choose L % bk == 0)
-    kv_latent, k_rope = _pad_rows(kv_latent, padded), _pad_rows(k_rope, padded)
+    if paged:
+        num_pages, bk = kv_latent.shape[:2]
+        length_max = padded = bk * table.shape[1]
+        if kv_latent.shape != (num_pages, bk, c) or k_rope.shape != (num_pages, bk, r) or table.shape[0] != batch:
+            raise ValueError(f"paged kv_latent {kv_latent.shape} / k_rope {k_rope.shape} / page_table {table.shape} "
+                             f"do not match q {shape}: want [pages, page, C], [pages, page, R], [B, max_pages]")
+        if family == "gpu":  # the Triton body reads the pool as one array of rows
+            kv_latent, k_rope = kv_latent.reshape(-1, c), k_rope.reshape(-1, r)
+    else:
+        length_max = kv_latent.shape[1]
+        if kv_latent.shape != (batch, length_max, c) or k_rope.shape != (batch, length_max, r):
+            raise ValueError(f"kv_latent {kv_latent.shape} / k_rope {k_rope.shape} do not match q {shape}")
+        bk = block_kv or (64 if family == "gpu" else min(512, pl.cdiv(length_max, 128) * 128))
+        padded = pl.cdiv(length_max, bk) * bk  # a ragged last block is zero-padded (a copy: choose L % bk == 0)
+        kv_latent, k_rope = _pad_rows(kv_latent, padded), _pad_rows(k_rope, padded)
     blocks = padded // bk
     bh = min(_GPU_BLOCK_H, max(16, pl.next_power_of_2(rows))) if family == "gpu" else rows
     m_pad = pl.cdiv(rows, bh) * bh
@@ -138,39 +164,46 @@ def _mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, softmax_scale: flo
     o_dtype = q_latent.dtype if splits == 1 else jnp.float32
     out_shape = (jax.ShapeDtypeStruct((batch, splits, m_pad, c), o_dtype),
                  jax.ShapeDtypeStruct((batch, splits, m_pad, 1), jnp.float32))
-    kw = dict(bk=bk, per_split=per_split, scale=float(softmax_scale), heads=heads, queries=queries)
+    kw = dict(bk=bk, per_split=per_split, scale=float(softmax_scale), heads=heads, queries=queries, paged=paged)
     if family == "gpu":
+        if paged:  # the whole pool, and the row's page table
+            kv_specs = [pl.BlockSpec((None, table.shape[1]), lambda h, s, b: (b, 0)),
+                        pl.BlockSpec(kv_latent.shape, lambda h, s, b: (0, 0)),
+                        pl.BlockSpec(k_rope.shape, lambda h, s, b: (0, 0))]
+        else:
+            kv_specs = [None, pl.BlockSpec((None, padded, c), lambda h, s, b: (b, 0, 0)),
+                        pl.BlockSpec((None, padded, r), lambda h, s, b: (b, 0, 0))]
         grid_spec = pl.GridSpec(
             grid=(m_pad // bh, splits, batch),  # head blocks vary fastest: they share one split's KV in L2
-            in_specs=[pl.BlockSpec((None,), lambda h, s, b: (b,)),
+            in_specs=[pl.BlockSpec((None,), lambda h, s, b: (b,))] + kv_specs[:1] * paged + [
                       pl.BlockSpec((None, bh, c), lambda h, s, b: (b, h, 0)),
-                      pl.BlockSpec((None, bh, r), lambda h, s, b: (b, h, 0)),
-                      pl.BlockSpec((None, padded, c), lambda h, s, b: (b, 0, 0)),
-                      pl.BlockSpec((None, padded, r), lambda h, s, b: (b, 0, 0))],
+                      pl.BlockSpec((None, bh, r), lambda h, s, b: (b, h, 0))] + kv_specs[1:],
             out_specs=[pl.BlockSpec((None, None, bh, c), lambda h, s, b: (b, s, h, 0)),
                        pl.BlockSpec((None, None, bh, 1), lambda h, s, b: (b, s, h, 0))])
         kernel, params = _gpu_kernel, plgpu.CompilerParams(num_warps=8, num_stages=2)
     else:
-        def kv_map(b, s, j, len_ref):  # blocks past the length repeat the last live one: no new DMA
-            return b, jnp.minimum(s * per_split + j, jnp.maximum(pl.cdiv(len_ref[b], bk) - 1, 0)), 0
+        def kv_map(b, s, j, len_ref, *table_ref):  # blocks past the length repeat the last live one: no new DMA
+            block = jnp.minimum(s * per_split + j, jnp.maximum(pl.cdiv(len_ref[b], bk) - 1, 0))
+            return (table_ref[0][b, block], 0, 0) if paged else (b, block, 0)
 
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(batch, splits, per_split),
-            in_specs=[pl.BlockSpec((None, m_pad, c), lambda b, s, j, _: (b, 0, 0)),
-                      pl.BlockSpec((None, m_pad, r), lambda b, s, j, _: (b, 0, 0)),
+            num_scalar_prefetch=1 + paged, grid=(batch, splits, per_split),
+            in_specs=[pl.BlockSpec((None, m_pad, c), lambda b, s, j, *_: (b, 0, 0)),
+                      pl.BlockSpec((None, m_pad, r), lambda b, s, j, *_: (b, 0, 0)),
                       pl.BlockSpec((None, bk, c), kv_map), pl.BlockSpec((None, bk, r), kv_map)],
-            out_specs=[pl.BlockSpec((None, None, m_pad, c), lambda b, s, j, _: (b, s, 0, 0)),
-                       pl.BlockSpec((None, None, m_pad, 1), lambda b, s, j, _: (b, s, 0, 0))],
+            out_specs=[pl.BlockSpec((None, None, m_pad, c), lambda b, s, j, *_: (b, s, 0, 0)),
+                       pl.BlockSpec((None, None, m_pad, 1), lambda b, s, j, *_: (b, s, 0, 0))],
             scratch_shapes=[pltpu.VMEM((m_pad, 1), jnp.float32), pltpu.VMEM((m_pad, 1), jnp.float32),
                             pltpu.VMEM((m_pad, c), jnp.float32)])
         kernel = _tpu_kernel
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
     cost = pl.CostEstimate(  # for XLA's scheduler, which cannot see into the kernel; full lengths assumed
         flops=2 * batch * rows * length_max * (2 * c + r), transcendentals=batch * rows * length_max,
-        bytes_accessed=sum(x.size * x.dtype.itemsize for x in (q, qr, kv_latent, k_rope, *out_shape)))
+        bytes_accessed=sum(x.size * x.dtype.itemsize for x in (q, qr, *out_shape))
+        + batch * length_max * (c + r) * kv_latent.dtype.itemsize)
     o, lse = pl.pallas_call(functools.partial(kernel, **kw), out_shape=out_shape, grid_spec=grid_spec,
                             compiler_params=params, interpret=interpret, cost_estimate=cost, name="mla_decode")(
-        lengths, q, qr, kv_latent, k_rope)
+        lengths, *((table,) if paged else ()), q, qr, kv_latent, k_rope)
     if splits > 1:  # log-sum-exp merge of the splits; splits that saw nothing weigh exp(NEG - lse) = 0
         o = jnp.sum(jax.nn.softmax(lse, axis=1) * o, axis=1, keepdims=True).astype(q_latent.dtype)
     return o[:, 0, :rows].reshape(shape)

@@ -17,16 +17,18 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from configs import DEFAULT_CONFIG, validate
-from deepseek_jax import sharding
+from deepseek_jax import backend, sharding
 from deepseek_jax.config import ConfigError
 from deepseek_jax.metrics import flops_per_token, param_counts
 from deepseek_jax.train.optimizer import make_optimizer
@@ -112,10 +114,6 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict:
     """Lower and compile the train step over `devices`; returns the memory and cost figures."""
     cfg = validate(config)
-    if devices[0].platform == "tpu":  # "auto" resolves by this host's backend: choose what the chips would run
-        cfg = cfg.replace(**{field: tpu for field, tpu in (("moe_impl", "ragged"), ("attention_impl", "pallas"),
-                                                             ("decode_attention", "pallas"))
-                             if getattr(cfg, field) == "auto"})
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     rules = check_batch(config, mesh)
     tx, schedule = make_optimizer(config.optim, config.steps)
@@ -125,7 +123,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict
              for k in ("tokens", "positions", "segment_ids")}
     step = make_train_step(config, cfg, tx, schedule)
     start = time.time()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # "auto" settings resolve for the chips compiled for, not for this host
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), backend.compiling_for(devices[0].platform):
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         lowered = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, None)).lower(state, batch)
         compiled = lowered.compile()
@@ -150,12 +149,103 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> dict
     }
 
 
+def compile_serve_step(config: ml_collections.ConfigDict, devices: list, rows: int, num_pages: int,
+                       page_size: int = 64, context: int = 32768) -> dict:
+    """Lower and compile the serving engine's decode step (serve.engine: one token for `rows` slots over a paged
+    latent cache of num_pages pages) over `devices`, in bf16: params sharded by the training rules table, slots
+    and pages over the batch axes. Returns the memory figures, per page too."""
+    from deepseek_jax.model import abstract_params
+    from deepseek_jax.serve import engine
+
+    cfg = validate(config).replace(dtype="bfloat16", num_nextn_predict_layers=0)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    rules = sharding.rules_for(mesh, rows)
+    boxed = abstract_params(cfg)
+    sharding.check_divisible(boxed, mesh)
+    params = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=sh),
+                                    nn.meta.unbox(boxed), sharding.logical_shardings(mesh, boxed))
+    slots = sharding.batch_sharding(mesh, rules).spec[0]  # slots (and pages) over the batch axes
+
+    def on(shape: tuple, dtype: Any, dim: int = 0) -> jax.ShapeDtypeStruct:
+        spec = [None] * len(shape)
+        spec[dim] = slots
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, P(*spec)))
+
+    pool = jax.eval_shape(lambda: tuple(engine._empty_pool(cfg, count, num_pages, page_size, jnp.bfloat16)
+                                        for _, _, count in cfg.layer_segments))
+    pool = jax.tree_util.tree_map(lambda x: on(x.shape, x.dtype, dim=1), pool)  # [layers, pages, ...]
+    dev = engine.Device(pool, (), on((rows, 0), jnp.int32), on((rows, 0, cfg.vocab_size), jnp.float32))
+    i32 = on((rows,), jnp.int32)
+    sampling = (on((rows,), jnp.float32), i32, on((rows,), jnp.float32), on((rows,), jnp.uint32), i32)
+    args = (params, dev, i32, on((rows, context // page_size), jnp.int32), i32, i32, sampling)
+    start = time.time()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), backend.compiling_for(devices[0].platform):
+        step = jax.jit(engine.decode_step, static_argnames=("cfg", "kv_len"), donate_argnums=1)
+        compiled = step.lower(*args, cfg=cfg, kv_len=context).compile()
+    mem = compiled.memory_analysis()
+    argb, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+    alias = getattr(mem, "alias_size_in_bytes", 0)
+    pool_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(pool))
+    return {"devices": len(devices), "mesh": dict(mesh.shape), "rows": rows, "num_pages": num_pages,
+            "compile_seconds": round(time.time() - start, 1), "argument_bytes": argb, "temp_bytes": temp,
+            "per_device_bytes": argb + out - alias + temp, "pool_bytes": pool_bytes,
+            "cache_bytes_per_token": pool_bytes // (num_pages * page_size)}
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
     flags.DEFINE_string("topology", "cpu", "TPU slice (v5p-512, v4-128, v5e-256, ...) or cpu")
+    flags.DEFINE_bool("serve", False, "compile the serving engine's decode step over a paged cache instead")
+    flags.DEFINE_integer("serve_rows", 0, "decode slots (default: one per batch shard)")
+    flags.DEFINE_integer("serve_pages", 0, "64-token cache pages (default: serve_rows full contexts)")
+    flags.DEFINE_integer("serve_context", 32768, "tokens per sequence")
+
+
+def serve_main(devices: list, hbm_gib: float | None) -> None:
+    """Compile the decode step at --serve_rows slots of serve_context tokens each; without --serve_rows (and on a
+    TPU slice), find the most slots that fit: a first compile bounds it (HBM left after everything but the pool,
+    over one sequence's pages), then a bisection over multiples of the batch shards compiles each candidate, since
+    the temporaries also grow with the slots."""
+    config = FLAGS.config
+    shards = math.prod(sharding.make_mesh(config.mesh.to_dict(), devices).shape[a] for a in sharding.BATCH_AXES
+                       if a in config.mesh)
+    per_seq_pages, gib = FLAGS.serve_context // 64, 2**30
+
+    def attempt(rows: int) -> dict | None:
+        try:
+            r = compile_serve_step(config, devices, rows, FLAGS.serve_pages or rows * per_seq_pages,
+                                   context=FLAGS.serve_context)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{rows} slots: does not fit ({str(e).splitlines()[0][:160]})")
+            return None
+        fits = hbm_gib is None or r["per_device_bytes"] <= hbm_gib * gib
+        print(f"{rows} slots x {FLAGS.serve_context} tokens ({r['num_pages']} pages): {r['per_device_bytes'] / gib:.2f}"
+              f" GiB per device{'' if hbm_gib is None else f' of {hbm_gib}'}, compiled in {r['compile_seconds']:.0f}s"
+              + ("" if fits else ": does not fit"))
+        return r if fits else None
+
+    rows = FLAGS.serve_rows or shards
+    best = attempt(rows)
+    if best and not FLAGS.serve_rows and hbm_gib is not None:
+        pool_dev = best["pool_bytes"] / shards  # pages split over the batch shards, replicated over the rest
+        seq_dev = per_seq_pages * 64 * best["cache_bytes_per_token"] / shards
+        bound = int((hbm_gib * gib - (best["per_device_bytes"] - pool_dev)) // seq_dev) // shards * shards
+        lo, hi = rows, bound + shards  # lo fits; hi is known not to (or is past the bound)
+        while hi - lo > shards:
+            mid = (lo + hi) // 2 // shards * shards
+            r = attempt(mid)
+            lo, hi, best = (mid, hi, r) if r else (lo, mid, best)
+    if best is None:
+        sys.exit(f"error: {rows} slots of {FLAGS.serve_context} tokens do not fit; lower --serve_rows")
+    print(f"topology {FLAGS.topology}: {best['devices']} devices, mesh {best['mesh']}; the decode step "
+          f"holds {best['rows']} concurrent {FLAGS.serve_context}-token sequences ({best['num_pages']} pages, "
+          f"{best['cache_bytes_per_token']:,} B per token), {best['per_device_bytes'] / gib:.2f} GiB per device")
+    print(json.dumps(best))
 
 
 def main(argv: list[str]) -> None:
@@ -163,6 +253,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         devices, hbm_gib = topology_devices(FLAGS.topology)
+        if FLAGS.serve:
+            return serve_main(devices, hbm_gib)
         r = compile_train_step(FLAGS.config, devices)
     except (ConfigError, sharding.MeshError) as e:
         sys.exit(f"error: {e}")

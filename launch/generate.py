@@ -26,7 +26,7 @@ import numpy as np
 
 import deepseek_jax as dsj
 from deepseek_jax.checkpoint import CheckpointError, load_run
-from deepseek_jax.data import DataError, HFTokenizer, StreamDecoder, run_tokenizer
+from deepseek_jax.data import DataError, HFTokenizer, StreamDecoder, encode_prompt, run_tokenizer
 from deepseek_jax.hf import CheckpointError as HFCheckpointError
 
 
@@ -80,16 +80,8 @@ def load(args: argparse.Namespace) -> tuple[dsj.ModelConfig, Any, Any]:
 
 
 def encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """Chat: the template rendered with a generation prompt, encoded without extra special tokens (as HF does).
-    Plain: HF tokenizers add what their post-processor adds (DeepSeek: BOS); run tokenizers add nothing, as in
-    training."""
-    if chat:
-        if not isinstance(tokenizer, HFTokenizer):
-            raise ValueError("--chat needs a chat_template, which only HF checkpoints (--hf_dir) carry")
-        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
-    if isinstance(tokenizer, HFTokenizer):
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    return tokenizer.encode(prompt)
+    """--chat wraps the prompt as one user turn of the chat template (data.encode_prompt)."""
+    return encode_prompt(tokenizer, [{"role": "user", "content": prompt}] if chat else prompt)
 
 
 def generated_ids(completion: dsj.infer.Completion, row: int) -> list[int]:

@@ -8,7 +8,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "deepseek_jax"
 FORBIDDEN = {"data": ("rl", "train", "infer", "model", "layers", "stages"), "train": ("rl", "stages"),
-             "rl": ("stages",), "infer": ("train", "rl", "stages")}
+             "rl": ("stages",), "infer": ("train", "rl", "stages"),
+             "serve": ("train", "rl", "stages")}
 
 
 def imported(path: pathlib.Path) -> set[str]:

@@ -130,3 +130,28 @@ def test_compiles_for_v5p_at_v3_shapes(precision):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert [c["query"] for c in r["cases"]] == [[64, 128], [64, 2, 128]]
     assert all(c["tpu_custom_call"] and c["flops"] > 0 for c in r["cases"])
+
+
+@pytest.mark.parametrize("family", ["gpu", "tpu"])
+@pytest.mark.parametrize("queries", [None, 2])
+def test_paged_reads_through_the_page_table_as_the_contiguous_cache(family, queries):
+    """The same keys scattered over a shuffled pool of 16-token pages, plus pages nobody owns: through the page
+    table the kernel gives what it gives on the contiguous cache, and the float64 reference."""
+    page, max_pages, batch = 16, 5, 3
+    q, qr, kv, kr = make(batch=batch, length=page * max_pages, queries=queries, seed=3)
+    lengths = np.array([1, 37, 80], np.int32)
+    rng = np.random.default_rng(0)
+    owned = rng.permutation(20)[:batch * max_pages].reshape(batch, max_pages)  # 20 pages, 5 never used
+    pool_kv = jnp.asarray(rng.standard_normal((20, page, kv.shape[-1])), jnp.float32)
+    pool_kr = jnp.asarray(rng.standard_normal((20, page, kr.shape[-1])), jnp.float32)
+    pool_kv = pool_kv.at[owned].set(kv.reshape(batch, max_pages, page, -1))
+    pool_kr = pool_kr.at[owned].set(kr.reshape(batch, max_pages, page, -1))
+    table = np.where(np.arange(max_pages) * page < lengths[:, None], owned, 20)  # pages past a length: "no page"
+    paged = _mla_decode(q, qr, pool_kv, pool_kr, jnp.asarray(lengths), 0.3, True, family=family, num_splits=2,
+                        table=jnp.asarray(np.minimum(table, 19)))
+    contiguous = _mla_decode(q, qr, kv, kr, jnp.asarray(lengths), 0.3, True, block_kv=page, family=family,
+                             num_splits=2)
+    np.testing.assert_allclose(np.asarray(paged), np.asarray(contiguous), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(paged), reference(q, qr, kv, kr, lengths, 0.3), atol=2e-5, rtol=2e-5)
+    public = mla_decode(q, qr, pool_kv, pool_kr, jnp.asarray(lengths), 0.3, page_table=jnp.asarray(table))
+    np.testing.assert_allclose(np.asarray(public), np.asarray(paged), atol=1e-6)

@@ -209,6 +209,21 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
+    """A prompt's ids as launch.generate and the server feed them. A chat (a list of messages) is its rendered
+    template with a generation prompt, encoded without extra special tokens (as HF does); a plain string gets what
+    an HF tokenizer's post-processor adds (DeepSeek: BOS), and nothing from a run's SentencePiece tokenizer, as in
+    training."""
+    if not isinstance(prompt, str):
+        if not isinstance(tokenizer, HFTokenizer):
+            raise DataError("a chat needs a chat_template, which only HF checkpoints (--hf_dir) carry; send a plain "
+                            "prompt instead")
+        return tokenizer.encode(tokenizer.apply_chat_template(prompt))
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    return tokenizer.encode(prompt)
+
+
 class StreamDecoder:
     """Text for token ids as they arrive: the pieces `push` returns concatenate to `decode(all ids)`.
 

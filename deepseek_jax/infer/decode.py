@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.backend import resolve
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.cache import Cache, constrain, init_cache
 from deepseek_jax.infer.sampling import Sampling, draw, probabilities, speculative_accept
 from deepseek_jax.layers.ep import BATCH_AXES
-from deepseek_jax.layers.mla import decode_form
 from deepseek_jax.model import DeepSeekV3
 
 
@@ -115,24 +115,38 @@ def _emit(state: DecodeState, tokens: jax.Array, counts: jax.Array, s: Settings)
     return state.replace(out=out, n_out=n_out, done=state.done | stopped | (n_out >= s.max_new_tokens))
 
 
-def _draft(params: Any, state: DecodeState, h: jax.Array, positions: jax.Array, ahead: jax.Array,
-           index: jax.Array, kv_len: int, key: jax.Array, s: Settings) -> DecodeState:
+def draft_tokens(cfg: ModelConfig, params: Any, caches: Sequence[Any], h: jax.Array, positions: jax.Array,
+                 ahead: jax.Array, index: jax.Array, kv_len: int, choose: Callable[[jax.Array, int], tuple]
+                 ) -> tuple[jax.Array, jax.Array, tuple]:
     """Run the MTP modules over a window of positions [batch, W] with the main model's hidden states h
     [batch, W, embed] and the tokens one ahead, valid up to `index` [batch] (the newest position); draft the
-    token after the newest from each module in turn, each module one position further ahead."""
+    token after the newest from each module in turn, each module one position further ahead. choose(logits
+    [batch, vocab], k) -> (token [batch], the distribution it was drawn from). Returns (drafts [batch, D],
+    their distributions [batch, D, vocab], the modules' updated caches)."""
     rows = jnp.arange(h.shape[0])
-    drafts, probs, caches = [], [], []
-    for k in range(s.depth):
-        h, h_norm, cache = _apply(s, params, DeepSeekV3.mtp_decode, k, h, ahead, positions, state.cache.mtp[k],
-                                  kv_len)
-        q = probabilities(_apply(s, params, DeepSeekV3.head_logits, h_norm[rows, index]), s.sampling)
-        d = draw(q, jax.random.fold_in(key, k), s.sampling.greedy)
+    drafts, probs, new = [], [], []
+    for k, cache in enumerate(caches):
+        h, h_norm, cache = DeepSeekV3(cfg).apply({"params": params}, k, h, ahead, positions, cache, kv_len,
+                                                 method=DeepSeekV3.mtp_decode)
+        d, q = choose(DeepSeekV3(cfg).apply({"params": params}, h_norm[rows, index],
+                                            method=DeepSeekV3.head_logits), k)
         ahead = jnp.roll(ahead, -1, axis=1).at[rows, index].set(d)  # module k+1 reads t_{i+k+2}
         drafts.append(d)
         probs.append(q)
-        caches.append(cache)
-    return state.replace(cache=state.cache._replace(mtp=tuple(caches)), drafts=jnp.stack(drafts, 1),
-                         draft_probs=jnp.stack(probs, 1))
+        new.append(cache)
+    return jnp.stack(drafts, 1), jnp.stack(probs, 1), tuple(new)
+
+
+def _draft(params: Any, state: DecodeState, h: jax.Array, positions: jax.Array, ahead: jax.Array,
+           index: jax.Array, kv_len: int, key: jax.Array, s: Settings) -> DecodeState:
+    """draft_tokens with the call's one Sampling, into the state."""
+    def choose(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        q = probabilities(logits, s.sampling)
+        return draw(q, jax.random.fold_in(key, k), s.sampling.greedy), q
+
+    drafts, probs, caches = draft_tokens(s.cfg, params, state.cache.mtp[:s.depth], h, positions, ahead, index,
+                                         kv_len, choose)
+    return state.replace(cache=state.cache._replace(mtp=caches), drafts=drafts, draft_probs=probs)
 
 
 def prefill(params: Any, prompts: jax.Array, lengths: jax.Array, key: jax.Array, s: Settings) -> DecodeState:
@@ -238,7 +252,7 @@ def _prepare(cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: f
         raise ValueError(f"the cache holds max_len={max_len} tokens per row, but the prompt ({plen}) and "
                          f"max_new_tokens ({max_new_tokens}) need {needed}; raise max_len or shorten the prompt")
     slots = (max_len or needed) + (cfg.num_nextn_predict_layers if speculative else 0)  # room for the drafts
-    if decode_form(cfg.decode_attention) == "pallas":
+    if resolve("decode_attention", cfg.decode_attention) == "pallas":
         slots = -(-slots // 512) * 512  # whole kernel blocks: the kernel would otherwise pad (copy) the cache
     stop = tuple(tuple(int(t) for t in seq) for seq in stop)
     if any(not seq for seq in stop):

@@ -41,14 +41,33 @@ def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     probs = jax.nn.softmax(logits, -1)
-    if sampling.top_p < 1.0:  # keep the smallest prefix of the sorted tokens whose mass reaches top_p
-        order = jnp.argsort(-probs, axis=-1)
-        sorted_probs = jnp.take_along_axis(probs, order, -1)
-        keep_sorted = jnp.cumsum(sorted_probs, -1) - sorted_probs < sampling.top_p
-        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), -1)
-        probs = jnp.where(keep, probs, 0.0)
-        probs = probs / probs.sum(-1, keepdims=True)
-    return probs
+    return _nucleus(probs, sampling.top_p) if sampling.top_p < 1.0 else probs
+
+
+def _nucleus(probs: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """Keep the smallest prefix of the sorted tokens whose mass reaches top_p (broadcast over probs[..., :1])."""
+    order = jnp.argsort(-probs, axis=-1)
+    sorted_probs = jnp.take_along_axis(probs, order, -1)
+    keep_sorted = jnp.cumsum(sorted_probs, -1) - sorted_probs < top_p
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), -1)
+    probs = jnp.where(keep, probs, 0.0)
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def row_probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`probabilities` with each row's own settings, as traced values (one compiled program serves every mix of
+    requests): logits [batch, ..., vocab]; temperature, top_k, top_p [batch]."""
+    logits = logits.astype(jnp.float32)
+    each = (-1,) + (1,) * (logits.ndim - 1)
+    t, k, p = temperature.reshape(each), top_k.reshape(each), top_p.reshape(each)
+    scaled = logits / jnp.where(t > 0, t, 1.0)
+    ranked = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.take_along_axis(ranked, jnp.clip(k - 1, 0, logits.shape[-1] - 1), -1)
+    scaled = jnp.where((k > 0) & (scaled < kth), -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, -1)
+    probs = jnp.where(p < 1.0, _nucleus(probs, p), probs)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
+    return jnp.where(t > 0, probs, greedy)
 
 
 def draw(probs: jax.Array, key: jax.Array, greedy: bool = False) -> jax.Array:

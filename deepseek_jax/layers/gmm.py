@@ -20,15 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8
+from deepseek_jax.backend import resolve
 from kernels_pallas.fp8_gemm import check_operands, column_scales, fp8_gemm_grouped
-
-
-def resolve_impl(impl: str = "auto") -> str:
-    if impl == "auto":
-        return "ragged" if jax.default_backend() in ("gpu", "tpu") else "tiled"
-    if impl not in ("ragged", "tiled"):
-        raise ValueError(f"grouped matmul impl {impl!r}: choose auto, ragged or tiled")
-    return impl
 
 
 def default_tile(rows: int, groups: int) -> int:
@@ -42,7 +35,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     """x [rows, k] sorted by group, w [groups, k, n], group_sizes [groups] -> [rows, n].
 
     Rows past sum(group_sizes) belong to no group and give zeros, as in ragged_dot."""
-    if resolve_impl(impl) == "ragged":
+    if resolve("moe_impl", impl) == "ragged":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=preferred_element_type)
     return _tiled_grouped_matmul(x, w, group_sizes, tile or default_tile(x.shape[0], w.shape[0]),
                                  preferred_element_type)
@@ -109,10 +102,10 @@ def fp8_grouped_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Ar
 
     impl: "pallas" (the kernel; interpreted on CPU), "ragged" / "tiled" (per 128-wide K block an FP8 grouped
     product into FP32, times a's row scales and each row's expert's b scales), or "auto": the kernel on CUDA
-    GPUs with FP8 tensor cores (fp8.resolve_gemm), else ragged on TPU and tiled on CPU."""
-    if impl == "pallas" or (impl == "auto" and fp8.resolve_gemm("auto") == "pallas"):
+    GPUs with FP8 tensor cores (backend "fp8_gemm"), else ragged on TPU and tiled on CPU."""
+    if impl == "pallas" or (impl == "auto" and resolve("fp8_gemm") == "pallas"):
         return fp8_gemm_grouped(a_q, a_s, b_q, b_s, group_sizes, out_dtype)
-    return _fp8_grouped_xla(a_q, a_s, b_q, b_s, group_sizes, out_dtype=out_dtype, impl=resolve_impl(impl))
+    return _fp8_grouped_xla(a_q, a_s, b_q, b_s, group_sizes, out_dtype=out_dtype, impl=resolve("moe_impl", impl))
 
 
 def _fp8_grouped_xla(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype, impl: str) -> jax.Array:

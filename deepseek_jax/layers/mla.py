@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.backend import resolve
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_matmul, model_format, stored_scales, stored_weight
 from deepseek_jax.layers import indexer as dsa
@@ -61,27 +62,60 @@ class HeadCache(NamedTuple):
     v: jax.Array
 
 
-def store(cache: LatentCache | HeadCache, new: tuple[jax.Array | None, ...], positions: jax.Array):
+class PagedCache(NamedTuple):
+    """The latent cache in fixed-size pages (PagedAttention; FlashMLA's 64-token blocks): `pool` is a LatentCache
+    whose leaves are [..., num_pages, page_size, ...], shared by every row, and `table` [..., batch, max_pages] maps
+    row b's slot s to page table[b, s // page_size], offset s % page_size. An entry >= num_pages is no page:
+    writes there drop and reads give zeros, so a row touches only the pages its table names.
+
+    Inside the model a paged cache is read-only: a layer attends over its rows' pages gathered with its new
+    entries stored in that copy, and returns just the new entries (a LatentCache [batch, length, ...]); the
+    caller then writes every layer's at once with `store` (one in-place scatter into the donated pool, where a
+    write per layer would copy the layer's whole pool every step)."""
+
+    pool: LatentCache
+    table: jax.Array
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.c_kv.shape[-2]
+
+
+def _page_slots(cache: PagedCache, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(page, offset) of each slot in positions [batch, length]; slots past the table get page num_pages."""
+    num_pages, size = cache.pool.c_kv.shape[-3], cache.page_size
+    block = positions // size
+    page = jnp.take_along_axis(cache.table, jnp.clip(block, 0, cache.table.shape[-1] - 1), -1)
+    return jnp.where((block >= 0) & (block < cache.table.shape[-1]), page, num_pages), positions % size
+
+
+def store(cache: LatentCache | HeadCache | PagedCache, new: tuple[jax.Array | None, ...], positions: jax.Array):
     """Write new entries [batch, length, ...] at slots `positions` [batch, length]; slots past max_len drop."""
+    if isinstance(cache, PagedCache):  # pool leaves [*lead, pages, page_size, d], new [*lead, batch, length, d]
+        page, offset = _page_slots(cache, positions)
+
+        def write(c: jax.Array, n: jax.Array) -> jax.Array:
+            at = (slice(None),) * (c.ndim - 3) + (page, offset)
+            return c.at[at].set(n.astype(c.dtype), mode="drop")
+
+        return PagedCache(LatentCache(*(None if c is None else write(c, n) for c, n in zip(cache.pool, new,
+                                                                                          strict=True))), cache.table)
     rows = jnp.arange(positions.shape[0])[:, None]
     return type(cache)(*(None if c is None else c.at[rows, positions].set(n.astype(c.dtype), mode="drop")
                          for c, n in zip(cache, new, strict=True)))
 
 
-def _by_backend(choice: str, accelerated: str, cpu: str) -> str:
-    if choice == "auto":
-        return accelerated if jax.default_backend() in ("gpu", "tpu") else cpu
-    return choice
+def read(cache: LatentCache | HeadCache | PagedCache, kv_len: int) -> LatentCache | HeadCache:
+    """The first kv_len slots of every row, contiguous [batch, kv_len, ...] (a paged cache gathers its pages)."""
+    if not isinstance(cache, PagedCache):
+        return type(cache)(*(None if c is None else c[:, :kv_len] for c in cache))
+    pages = cache.table[:, :-(-kv_len // cache.page_size)]
 
+    def gather(c: jax.Array) -> jax.Array:
+        rows = c.at[pages].get(mode="fill", fill_value=0)  # [batch, pages, page_size, ...]
+        return rows.reshape(rows.shape[0], -1, *rows.shape[3:])[:, :kv_len]
 
-def decode_form(choice: str) -> str:
-    """`decode_attention` resolved: auto is the Pallas kernel on GPU/TPU and the jnp absorbed form on CPU."""
-    return _by_backend(choice, "pallas", "absorb")
-
-
-def attention_form(choice: str) -> str:
-    """`attention_impl` resolved: auto is the Pallas flash kernel on GPU/TPU and the jnp query blocks on CPU."""
-    return _by_backend(choice, "pallas", "xla")
+    return LatentCache(*(None if c is None else gather(c) for c in cache.pool))
 
 
 _NEG = -1e30  # a finite -inf: a query that sees no key averages them all instead of giving NaN
@@ -236,20 +270,24 @@ def dense_index_loss(q: jax.Array, kv: jax.Array, index: Index, mask: AttentionM
     return query_blocks(block, cfg.attention_chunk, q, index.q, index.w, mask.positions(), mask.q_segments)
 
 
-def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float) -> jax.Array:
-    """attend() through the Pallas FlashAttention kernel (per-head k and v). Under a mesh it runs per shard
-    (rows over the batch axes, heads over `tensor`), as a pallas_call cannot be partitioned by XLA."""
-    from kernels_pallas.flash_attention import flash_attention
-
-    fn = functools.partial(flash_attention, scale=scale)
-    args = (q, k, v, mask.positions(), mask.q_segments, mask.kv_segments)
+def per_shard(fn, *args: jax.Array, specs: tuple[str, ...], out: str) -> jax.Array:
+    """fn(*args), under a mesh once per shard: a pallas_call cannot be partitioned by XLA. Each spec names an
+    argument's dims: "b" rows over the batch axes, "h" heads over `tensor`, "." whole."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(*args)
     rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    per_head = P(rows, None, "tensor" if "tensor" in mesh.axis_names else None, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(per_head,) * 3 + (P(rows, None),) * 3, out_specs=per_head,
-                         check_vma=False)(*args)
+    axis = {"b": rows, "h": "tensor" if "tensor" in mesh.axis_names else None, ".": None}
+    spec = lambda dims: P(*(axis[d] for d in dims))
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, specs)), out_specs=spec(out), check_vma=False)(*args)
+
+
+def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float) -> jax.Array:
+    """attend() through the Pallas FlashAttention kernel (per-head k and v), per shard under a mesh."""
+    from kernels_pallas.flash_attention import flash_attention
+
+    return per_shard(functools.partial(flash_attention, scale=scale), q, k, v, mask.positions(), mask.q_segments,
+                     mask.kv_segments, specs=("b.h.",) * 3 + ("b.",) * 3, out="b.h.")
 
 
 def _whole(x: jax.Array) -> jax.Array:
@@ -302,7 +340,7 @@ class MLA(nn.Module):
             k_nope, v = jnp.einsum("bsc,chd->bshd", c_kv, w_uk), jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:-1], rope))], -1)
             cache = store(cache, (k, v), positions)
-            k, v = (c[:, :mask.kv_len].astype(self.dtype) for c in cache)
+            k, v = (c.astype(self.dtype) for c in read(cache, mask.kv_len))
             return out_proj(attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, scale, chunk)), cache
         if cache is None and length_shards() > 1:  # context parallel: every query block may need every key
             c_kv, k_rope, mask = _whole(c_kv), _whole(k_rope), mask._replace(kv_segments=_whole(mask.kv_segments))
@@ -310,12 +348,17 @@ class MLA(nn.Module):
         keys = None if index is None else IndexKeys(*dsa.cached_keys(index.k, cfg.dsa_fp8_indexer, self.dtype),
                                                     exact=index.k)
         form = "absorb" if self.absorb else "naive"
-        if cache is not None:
+        if isinstance(cache, PagedCache):  # read-only here: the caller writes the new entries returned
+            new = LatentCache(c_kv, k_rope, *(keys[:2] if keys else (None, None)))
+            c_kv, k_rope, index_k, index_scale = store(read(cache, mask.kv_len), new, positions)
+            cache = new
+        elif cache is not None:
             cache = store(cache, (c_kv, k_rope, *(keys[:2] if keys else (None, None))), positions)
-            c_kv, k_rope, index_k, index_scale = (None if c is None else c[:, :mask.kv_len] for c in cache)
+            c_kv, k_rope, index_k, index_scale = read(cache, mask.kv_len)
+        if cache is not None:
             c_kv, k_rope = c_kv.astype(self.dtype), k_rope.astype(self.dtype)
             keys = None if index is None else IndexKeys(index_k, index_scale)
-            form = "naive" if mask.kv_len == x.shape[1] else decode_form(cfg.decode_attention)
+            form = "naive" if mask.kv_len == x.shape[1] else resolve("decode_attention", cfg.decode_attention)
         stats = cfg.dsa and self.is_mutable_collection("indexer_stats")
         counted = (mask.q_segments != 0).astype(jnp.float32)  # padding queries carry no indexer loss
 
@@ -330,8 +373,10 @@ class MLA(nn.Module):
 
                 slots, valid = dsa.select(index.q, index.w, keys.k, keys.scale, mask.positions(), mask.q_segments,
                                           mask.kv_segments, cfg.index_topk, cfg.index_key_block, cfg.dsa_fp8_indexer)
-                out_latent = mla_sparse_decode(q_latent[..., :cfg.kv_lora_rank], q_rope, c_kv, k_rope,
-                                               jnp.where(valid, slots, -1), scale)
+                out_latent = per_shard(functools.partial(mla_sparse_decode, softmax_scale=scale),
+                                       q_latent[..., :cfg.kv_lora_rank], q_rope, c_kv, k_rope,
+                                       jnp.where(valid, slots, -1), specs=("b.h.", "b.h.", "b..", "b..", "b.."),
+                                       out="b.h.")
             else:
                 out_latent, kl = attend_selected(q_latent, jnp.concatenate([c_kv, k_rope], -1), index, keys, mask,
                                                  cfg, kl=stats)
@@ -350,7 +395,9 @@ class MLA(nn.Module):
             if form == "pallas":  # the T new tokens are each row's last: lengths = last position + 1
                 from kernels_pallas.mla_decode import mla_decode
 
-                out_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, positions[:, -1] + 1, scale)
+                out_latent = per_shard(functools.partial(mla_decode, softmax_scale=scale), q_latent, q_rope, c_kv,
+                                       k_rope, positions[:, -1] + 1, specs=("b.h.", "b.h.", "b..", "b..", "b"),
+                                       out="b.h.")
             else:
                 out_latent = attend(jnp.concatenate([q_latent, q_rope], -1), jnp.concatenate([c_kv, k_rope], -1),
                                     c_kv, mask, scale, chunk)
@@ -365,7 +412,7 @@ class MLA(nn.Module):
                 v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:-1], rope))], -1)
             q = jnp.concatenate([q_nope, q_rope], -1)
-            if attention_form(cfg.attention_impl) == "pallas":
+            if resolve("attention_impl", cfg.attention_impl) == "pallas":
                 out = flash(q, k, v, mask, scale)
             else:
                 out = attend(q, k, v, mask, scale, chunk)

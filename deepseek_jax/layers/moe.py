@@ -22,10 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.backend import resolve
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import model_format, stored_scales, stored_weight
 from deepseek_jax.layers.ep import combine, expert_axis_size, expert_parallel, sort_by_expert
-from deepseek_jax.layers.gmm import fp8_grouped_matmul, grouped_matmul, resolve_impl
+from deepseek_jax.layers.gmm import fp8_grouped_matmul, grouped_matmul
 from deepseek_jax.layers.linear import Linear
 from deepseek_jax.layers.mlp import MLP
 
@@ -125,7 +126,7 @@ class Experts(nn.Module):
 
         ffn = functools.partial(expert_ffn, dtype=self.dtype, impl=cfg.moe_impl, fp8=fp8)
         if expert_axis_size() > 1:
-            ragged = resolve_impl(cfg.moe_impl) == "ragged"
+            ragged = resolve("moe_impl", cfg.moe_impl) == "ragged"
             return expert_parallel(ffn, x, weights, idx, params, ragged=ragged, chunk=cfg.moe_chunk_tokens)
         flat_x, weights, idx = (a.reshape(-1, a.shape[-1]) for a in (x, weights, idx))
         order, expert, token = sort_by_expert(idx)

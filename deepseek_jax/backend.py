@@ -3,8 +3,8 @@
 One table for every knob with an "auto" (the config's moe_impl, attention_impl and decode_attention, and the FP8
 GEMM), and one rule for the platform: the one `compiling_for` names (an AOT compile for a TPU slice from a CPU
 host), else this process's backend ("gpu_fp8" for CUDA GPUs with FP8 tensor cores, compute capability 8.9 and up).
-Pallas kernels pick their body when they are lowered instead, from KERNEL_BODIES (kernels_pallas.by_platform), so
-they follow whatever platform XLA lowers for.
+Pallas kernels pick their body when they are lowered instead (kernels_pallas.KERNEL_BODIES, by_platform), so they
+follow whatever platform XLA lowers for.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ AUTO = {  # knob: {platform: what "auto" runs}; "gpu_fp8" falls back to "gpu"
 }
 CHOICES = {"moe_impl": ("ragged", "tiled"), "attention_impl": ("pallas", "xla"),
            "decode_attention": ("pallas", "absorb", "naive"), "fp8_gemm": ("pallas", "xla")}
-# lax.platform_dependent branch -> (kernel body family, interpret): Mosaic on TPU, Triton on GPUs, else interpreted
-KERNEL_BODIES = {"tpu": ("tpu", False), "cuda": ("gpu", False), "rocm": ("gpu", False), "default": ("gpu", True)}
 
 _targets: list[str] = []
 

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deepseek_jax.backend import KERNEL_BODIES
-
+# lax.platform_dependent branch -> (kernel body family, interpret): Mosaic on TPU, Triton on GPUs, else interpreted.
+# The one table of its kind here; deepseek_jax.backend resolves the model's "auto" settings.
+KERNEL_BODIES = {"tpu": ("tpu", False), "cuda": ("gpu", False), "rocm": ("gpu", False), "default": ("gpu", True)}
 NEG = -1e30  # a finite -inf for running maxima: a row that sees nothing keeps l = 0 and gives zeros, never NaN
 
 

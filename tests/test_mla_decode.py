@@ -122,8 +122,9 @@ def test_lowers_for_tpu_as_a_mosaic_kernel(queries):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (extra [tpu])")
 @pytest.mark.parametrize("precision", ["default", "highest"])  # the kernels set their own
-def test_compiles_for_v5p_at_v3_shapes(precision):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mla_decode_tpu_lowering.py")],
+@pytest.mark.parametrize("layout", [[], ["--paged"]])  # a row per sequence, or pages through a table
+def test_compiles_for_v5p_at_v3_shapes(precision, layout):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mla_decode_tpu_lowering.py"), *layout],
                          capture_output=True, text=True, timeout=600,
                          env=os.environ | {"JAX_DEFAULT_MATMUL_PRECISION": precision})
     assert out.returncode == 0, out.stderr[-3000:]

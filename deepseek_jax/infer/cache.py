@@ -42,17 +42,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | st
         if layout == "heads":
             heads = (*lead, batch, max_len, cfg.num_attention_heads)
             return HeadCache(jnp.zeros((*heads, cfg.qk_head_dim), dtype), jnp.zeros((*heads, cfg.v_head_dim), dtype))
-        rows = (*lead, batch, max_len)
-        index_k = index_scale = None
-        if cfg.dsa:
-            index_k = jnp.zeros((*rows, cfg.index_head_dim), jnp.float8_e4m3fn if cfg.dsa_fp8_indexer else dtype)
-            index_scale = jnp.zeros((*rows, 1), jnp.float32) if cfg.dsa_fp8_indexer else None
-        return LatentCache(jnp.zeros((*rows, cfg.kv_lora_rank), dtype), jnp.zeros((*rows, cfg.qk_rope_head_dim), dtype),
-                           index_k, index_scale)
+        return latent_zeros(cfg, (*lead, batch, max_len), dtype)
 
     return Cache(layers=tuple(latent(count) for _, _, count in cfg.layer_segments),
                  mtp=tuple(latent() for _ in range(cfg.num_nextn_predict_layers if mtp else 0)),
                  lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def latent_zeros(cfg: ModelConfig, rows: tuple[int, ...], dtype: jnp.dtype) -> LatentCache:
+    """An empty LatentCache whose leaves are [*rows, ...]: c_KV, k_R and, with DSA, the indexer key (and scale)."""
+    index_k = index_scale = None
+    if cfg.dsa:
+        index_k = jnp.zeros((*rows, cfg.index_head_dim), jnp.float8_e4m3fn if cfg.dsa_fp8_indexer else dtype)
+        index_scale = jnp.zeros((*rows, 1), jnp.float32) if cfg.dsa_fp8_indexer else None
+    return LatentCache(jnp.zeros((*rows, cfg.kv_lora_rank), dtype), jnp.zeros((*rows, cfg.qk_rope_head_dim), dtype),
+                       index_k, index_scale)
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype | str = jnp.bfloat16, mtp: bool = True,

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.infer.cache import latent_zeros
 from deepseek_jax.infer.decode import draft_tokens
 from deepseek_jax.infer.sampling import row_probabilities, speculative_accept
 from deepseek_jax.layers.mla import LatentCache, PagedCache, store
@@ -398,13 +399,7 @@ class Device(NamedTuple):
 def _empty_pool(cfg: ModelConfig, count: int | None, num_pages: int, page_size: int, dtype: jnp.dtype) -> LatentCache:
     """A LatentCache whose leaves are [count, num_pages, page_size, ...] (the layers of one stack; count None:
     one layer)."""
-    rows = (*(() if count is None else (count,)), num_pages, page_size)
-    index_k = index_scale = None
-    if cfg.dsa:
-        index_k = jnp.zeros((*rows, cfg.index_head_dim), jnp.float8_e4m3fn if cfg.dsa_fp8_indexer else dtype)
-        index_scale = jnp.zeros((*rows, 1), jnp.float32) if cfg.dsa_fp8_indexer else None
-    return LatentCache(jnp.zeros((*rows, cfg.kv_lora_rank), dtype), jnp.zeros((*rows, cfg.qk_rope_head_dim), dtype),
-                       index_k, index_scale)
+    return latent_zeros(cfg, (*(() if count is None else (count,)), num_pages, page_size), dtype)
 
 
 def _forward(cfg: ModelConfig, params: Any, pool: tuple[LatentCache, ...], table: jax.Array, tokens: jax.Array,

@@ -39,6 +39,36 @@ def tiny_cfg() -> ModelConfig:
     return tiny_config()
 
 
+def _code_mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+def _mapping_cap() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+MAPPING_BUDGET = _mapping_cap() // 2
+
+
+@pytest.fixture(autouse=True)
+def bounded_code_mappings():
+    """XLA:CPU keeps each compiled program's code in hundreds of memory mappings (~660 for a serving-engine step)
+    for as long as jax's caches hold the executable, and Linux caps a process at vm.max_map_count (65530): past it
+    the next compile aborts the process. An xdist worker compiles thousands of programs, so after a test that
+    leaves it past half the cap it drops jax's caches (later tests recompile, from the persistent cache)."""
+    yield
+    if _code_mappings() > MAPPING_BUDGET:
+        jax.clear_caches()
+
+
 def assert_trees_close(got, want, tol: float = 1e-5) -> None:
     """Every leaf within tol of the reference, relative to that leaf's largest magnitude (sums of many f32 terms
     round differently in different programs; an element-wise rtol fails on the near-zero elements)."""

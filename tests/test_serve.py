@@ -15,7 +15,6 @@ import openai
 import pytest
 import uvicorn
 from conftest import FIXTURES, tiny_config
-from jax.experimental.compilation_cache import compilation_cache
 
 import deepseek_jax as dsj
 from deepseek_jax.data import HFTokenizer
@@ -25,18 +24,6 @@ from deepseek_jax.serve.api import TextStream, create_app
 from launch import generate, serve
 
 TOKENIZER = os.path.join(FIXTURES, "tokenizer")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_persistent_cache():
-    """The speculative programs segfaulted jaxlib 0.10.2's persistent-cache executable serializer (clean-clone
-    CI runs): this module neither reads nor writes that cache. A process decides at its first compile whether it
-    uses the cache, so an xdist worker that compiled before must also reset that decision."""
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()
 
 
 PAGE, MAX_LEN, CHUNK = 16, 128, 32

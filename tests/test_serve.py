@@ -24,8 +24,6 @@ from deepseek_jax.serve.api import TextStream, create_app
 from launch import generate, serve
 
 TOKENIZER = os.path.join(FIXTURES, "tokenizer")
-
-
 PAGE, MAX_LEN, CHUNK = 16, 128, 32
 
 

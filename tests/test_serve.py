@@ -134,11 +134,16 @@ def test_engine_greedy_equals_static_generation_under_preemption_and_cancels(mod
     assert engine.table.min() == engine.pages.num_pages  # no row points at a page
     assert engine.compiled() == programs, "a request compiled a new program"
 
-    # the same seed samples the same tokens alone as in the crowd
+    # the same seed samples the same tokens alone (in the idle engine) as in the crowd
     sampled = next(r for r in live if r.params.temperature > 0 and r.finish_reason == "length")
-    alone = Engine(cfg, params, max_batch=1, max_len=MAX_LEN, page_size=PAGE, chunk=CHUNK).generate(
-        [sampled.prompt], sampled.params)[0]
+    alone = engine.generate([sampled.prompt], sampled.params)[0]
     assert alone.output == sampled.output
+    queued = [engine.submit(p, SamplingParams(max_tokens=5)) for p in prompts[:6]]  # 4 run, 2 wait
+    engine.step()
+    engine.cancel_all()
+    assert all(r.finish_reason == "cancelled" for r in queued) and engine.idle and engine.pages.used == 0
+    engine.close()
+    assert engine.compiled() == 0  # its programs are released
 
 
 def test_speculative_batch_keeps_greedy_tokens_and_counts_acceptance(model):
@@ -151,6 +156,7 @@ def test_speculative_batch_keeps_greedy_tokens_and_counts_acceptance(model):
     assert [r.output for r in engine.generate(prompts, SamplingParams(max_tokens=14))] == want
     assert want == reference(cfg, params, prompts, 14)  # which is plain greedy decoding
     assert engine.accepted == accepted and engine.drafted >= engine.accepted
+    engine.close()
     with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
         Engine(cfg.replace(num_nextn_predict_layers=0), params, speculative=True)
 
@@ -163,6 +169,7 @@ def test_engine_v32_sparse_attention_over_pages():
     engine = Engine(cfg, params, max_batch=2, max_len=64, page_size=PAGE, chunk=CHUNK)
     assert [r.output for r in engine.generate(prompts, SamplingParams(max_tokens=8))] == reference(cfg, params,
                                                                                                    prompts, 8)
+    engine.close()
 
 
 # -- HTTP -------------------------------------------------------------------------------------------------------
@@ -195,6 +202,7 @@ def server(hf_dir):
            "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)}
     srv.should_exit = True
     thread.join()
+    engine.close()
 
 
 def wait_idle(engine, timeout=30.0):

@@ -138,8 +138,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, *, run_engine: b
         if thread:
             engine.stop()
             thread.join()
-            for request in list(engine.running) + list(engine.waiting):  # never left hanging
-                engine._finish(request, "cancelled")
+            engine.cancel_all()  # no request is left hanging
 
     app = FastAPI(title="deepseek-jax", lifespan=lifespan)
 

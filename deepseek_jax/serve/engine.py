@@ -182,6 +182,19 @@ class Engine:
         self.stopping = True
         self.wake.set()
 
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        """End every queued and running request now, freeing their pages (call it with no loop serving)."""
+        self._drain()
+        for request in [*self.running, *self.waiting]:
+            self._finish(request, reason)
+        self.waiting.clear()
+
+    def close(self) -> None:
+        """Drop this engine's compiled programs: XLA:CPU keeps each in hundreds of memory mappings, and a process
+        may hold only vm.max_map_count (65,530) of them; jax's caches would otherwise keep them all."""
+        for program in (self.prefill_program, self.decode_program):
+            program.clear_cache()
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  = SamplingParams()) -> list[Request]:
         """Run prompts to the end on this thread (no loop must be serving); returns the finished requests."""

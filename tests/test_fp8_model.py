@@ -1,17 +1,14 @@
 """FP8 in the model (model.fp8=True, V3 sec. 3.3): which layers run in FP8, the FP8 experts' grouped GEMMs and
-Wgrad against numpy, expert parallelism, FP8 checkpoint codes fed straight to the GEMM, and training accuracy."""
+Wgrad against numpy, expert parallelism, FP8 checkpoint codes fed straight to the GEMM (training accuracy:
+the FP8 notebook's test)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from conftest import FIXTURES, tiny_config
 from jax._src.interpreters import partial_eval as pe
 from test_fp8 import np_block_gemm, np_dequantize, np_quantize_tiles
@@ -121,29 +118,3 @@ def test_fp8_checkpoint_codes_feed_the_fp8_gemm():
     _, dequantized = dsj.load_hf_checkpoint(path, dtype=jnp.float32, fp8=True)
     got, want = (np.asarray(dsj.logits(cfg, p, tokens)) for p in (codes, dequantized))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def losses(workdir):
-    return [m["loss"] for m in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
-
-
-@pytest.mark.slow
-def test_tiny_config_trains_in_fp8_within_1_percent_of_f32(tmp_path):
-    """`launch.train --config.model.fp8=True` on the tiny config and the same run in float32, same steps and data
-    (one CPU device): the relative loss gap at the end is under 1% (V3 reports under 0.25% at scale)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's run
-    args = ["--config.steps=20", "--config.log_every=5", "--config.eval_every=1000", "--config.eval_batches=1",
-            "--config.data.batch_size=8"]
-    runs = {}
-    for low in (False, True):
-        with open(tmp_path / f"{low}.log", "w") as log:
-            runs[low] = subprocess.Popen([sys.executable, "-m", "launch.train", f"--workdir={tmp_path / str(low)}",
-                                          *args, f"--config.model.fp8={low}"], cwd=ROOT, env=env,
-                                         stdout=subprocess.DEVNULL, stderr=log)
-    for low, proc in runs.items():
-        assert proc.wait(timeout=900) == 0, (tmp_path / f"{low}.log").read_text()[-3000:]
-    f32, low = losses(tmp_path / "False"), losses(tmp_path / "True")
-    assert json.load(open(tmp_path / "True" / "config.json"))["model"]["fp8"] is True
-    assert len(f32) == len(low) == 4 and low[-1] < low[0] - 1.0, low  # it learns
-    gap = abs(low[-1] - f32[-1]) / f32[-1]
-    assert gap < 0.01, (gap, f32, low)

@@ -16,7 +16,7 @@ ARGS = {**SMALL, "steps": 6, "checkpoint_every": 3, "log_every": 1, "eval_every"
 def run(workdir, devices, processes=1, **overrides):
     """launch.train in `processes` processes with `devices` CPU devices each; waits for all."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
     args = [sys.executable, "-m", "launch.train", f"--workdir={workdir}",
             *[f"--config.{k}={v}" for k, v in (ARGS | overrides).items()]]
     if processes > 1:

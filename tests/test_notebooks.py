@@ -64,8 +64,11 @@ def test_fp8_notebook_runs(tmp_path, monkeypatch):
         err = float(text.split(name)[1].split("float32 ")[1].split("%")[0])
         assert 0.5 < err < 6.0, (name, err)
     assert float(text.split("max relative difference ")[1].split()[0]) < 1e-5
+    for name in ("float32", "FP8"):  # the tiny config in FP8 and in float32, same steps and data: both learn,
+        first, last = (float(x) for x in re.findall(rf"{name}: loss (\S+) -> (\S+),", text)[0])
+        assert last < first - 1.0, (name, first, last)
     end = float(text.split("relative loss gap: end ")[1].split("%")[0])
-    assert end < 1.0, end
+    assert end < 1.0, end  # and end within 1% of each other (V3 reports under 0.25% at scale)
     assert sum(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])) == 2
 
 

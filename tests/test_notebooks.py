@@ -68,7 +68,7 @@ def test_fp8_notebook_runs(tmp_path, monkeypatch):
         first, last = (float(x) for x in re.findall(rf"{name}: loss (\S+) -> (\S+),", text)[0])
         assert last < first - 1.0, (name, first, last)
     end = float(text.split("relative loss gap: end ")[1].split("%")[0])
-    assert end < 1.0, end  # and end within 1% of each other (V3 reports under 0.25% at scale)
+    assert 0 < end < 1.0, end  # FP8 really ran (the losses differ), within 1% of float32 (V3: under 0.25% at scale)
     assert sum(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])) == 2
 
 

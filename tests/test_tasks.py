@@ -238,7 +238,7 @@ def _countdown_phrases() -> set[str]:
 def test_corpus_never_poses_countdown(corpus):
     phrases = _countdown_phrases()
     assert "use each number exactly once" in " ".join(phrases)
-    for doc in corpus + arithmetic_corpus(seed=0, n_docs=100, mix="combine") + arithmetic_corpus(0, 100, "explore"):
+    for doc in corpus + [doc for mix in ("combine", "explore", "explore10") for doc in arithmetic_corpus(0, 100, mix)]:
         lowered = doc.lower()
         assert not [ph for ph in phrases if ph in lowered], doc
         assert "[" not in doc  # no number lists at all
@@ -282,16 +282,20 @@ def test_combine_mix_is_small_number_combinations_and_tables():
         arithmetic_corpus(0, 1, mix="x")
 
 
-def test_explore_mix_tries_several_combinations_of_the_same_numbers():
-    """synthetic:explore: each exploration evaluates 1-8 combinations of the listed numbers (each used once, step by
-    step, every step right) with different values, and its answer restates the last one as one expression; no
-    target is ever named."""
-    text = "\n\n".join(arithmetic_corpus(seed=0, n_docs=60, mix="explore"))
-    found = re.findall(r"^Combine ([\d, and]+)\.\n<think> (.+?) </think> <answer> (.+?) = (\d+) </answer>$", text,
-                       flags=re.M)
-    multi = 0
-    for listed, think, expression, value in found:
+@pytest.mark.parametrize("mix, max_number, labels", [("explore", 12, False), ("explore10", 10, True)])
+def test_explore_mix_tries_several_combinations_of_the_same_numbers(mix, max_number, labels):
+    """synthetic:explore(10): each exploration evaluates 1-8 combinations of the listed numbers (2-3 in [1, 12] or
+    [1, 10], each used once, step by step, every step right) with different values, and its answer restates the
+    last one as one expression; explore10 puts an exercise number in front of about half; no target is named."""
+    text = "\n\n".join(arithmetic_corpus(seed=0, n_docs=60, mix=mix))
+    found = re.findall(r"^((?:\w+ \d+\. )?)Combine ([\d, and]+)\.\n<think> (.+?) </think> <answer> (.+?) = (\d+) "
+                       r"</answer>$", text, flags=re.M)
+    multi = labelled = three = 0
+    for label, listed, think, expression, value in found:
         listed = sorted(int(n) for n in re.findall(r"\d+", listed))
+        assert 2 <= len(listed) <= 3 and all(1 <= n <= max_number for n in listed)
+        labelled += bool(label)
+        three += len(listed) == 3
         finals = []
         for attempt in think.removesuffix(".").split(". "):
             steps = [re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)", step).groups() for step in attempt.split(", ")]
@@ -310,6 +314,8 @@ def test_explore_mix_tries_several_combinations_of_the_same_numbers():
         assert sorted(int(n) for n in re.findall(r"\d+", expression)) == listed
         multi += len(finals) > 1
     assert len(found) > 100 and multi > len(found) / 2
+    assert (len(found) / 3 < labelled < 2 * len(found) / 3) if labels else not labelled
+    assert three > (0.65 if labels else 0.35) * len(found)  # explore10: 3 numbers in three of four sets
 
 
 def test_chains_enumerate_left_to_right_combinations():

@@ -1,6 +1,6 @@
 """Document sources: the default corpus, `.txt`, `.jsonl` and `.array_record` files.
 
-A source string is "default", "synthetic:MIX[:N]" (generated arithmetic text, MIX "arithmetic" or "combine"), or a
+A source string is "default", "synthetic:MIX[:N]" (generated arithmetic text, MIX a key of synthetic.CORPORA), or a
 comma list of files, directories (searched recursively for supported files) and globs. Documents are numbered in
 that order (files sorted within a glob or directory), which fixes the eval hold-out and the shuffle.
 
@@ -229,7 +229,7 @@ def _supported(paths: Iterator[str]) -> list[str]:
 
 def synthetic_documents(source: str) -> tuple[str, ...]:
     """"synthetic:MIX[:N]": N (default 2000) generated arithmetic documents (synthetic.arithmetic_corpus), MIX one
-    of synthetic.CORPORA ("arithmetic": the full mix; "combine": small-number combinations and times tables)."""
+    of synthetic.CORPORA ("arithmetic": the full mix; "combine", "explore", "explore10": the R1-Zero bases)."""
     _, name, *rest = source.split(":")
     if name not in CORPORA or len(rest) > 1 or (rest and not (rest[0].isascii() and rest[0].isdigit())):
         raise DataError(f"data source {source!r}: a synthetic corpus is synthetic:MIX[:N documents], MIX one of "

@@ -15,6 +15,7 @@ unavoidable for arithmetic text and harmless: the model still has to search for 
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,11 +184,17 @@ def _section_combine(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
-def _section_explore(rng: random.Random) -> str:
-    """One set of 2-3 small numbers combined in 1-8 ways with different results, each evaluated step by step in the
-    think block ("3 + 8 = 11, 11 * 9 = 99."); the answer restates the last one as one expression. Forward
-    evaluation only (no target is ever named): which try to stop at is what RL has to learn."""
-    numbers = [rng.randint(1, 12) for _ in range(rng.randint(2, 3))]
+_EXERCISE_WORDS = ("Exercise", "Problem", "Question", "Item")
+
+
+def _section_explore(rng: random.Random, max_number: int = 12, sizes: tuple[int, ...] = (2, 3),
+                     labels: bool = False) -> str:
+    """One set of numbers in [1, max_number] (how many: drawn from `sizes`) combined in 1-8 ways with different
+    results, each evaluated step by step in the think block ("3 + 8 = 11, 11 * 9 = 99."); the answer restates the
+    last one as one expression. With `labels`, half the sets carry an exercise number in front ("Exercise 14.
+    Combine ..."), a number the tries never use. Forward evaluation only (no target is ever named): which try to
+    stop at is what RL has to learn."""
+    numbers = [rng.randint(1, max_number) for _ in range(rng.choice(sizes))]
     tries: dict[int, _Node] = {}
     want = rng.randint(1, 8)
     for _ in range(4 * want):
@@ -198,7 +205,8 @@ def _section_explore(rng: random.Random) -> str:
     think = " ".join(", ".join(node.steps) + "." for node in tries.values())
     last = list(tries.values())[-1]
     rng.shuffle(numbers)
-    return f"Combine {_listed(numbers)}.\n<think> {think} </think> <answer> {last.text} = {last.value} </answer>"
+    label = f"{rng.choice(_EXERCISE_WORDS)} {rng.randint(1, 60)}. " if labels and rng.random() < 0.5 else ""
+    return f"{label}Combine {_listed(numbers)}.\n<think> {think} </think> <answer> {last.text} = {last.value} </answer>"
 
 
 def _section_table(rng: random.Random) -> str:
@@ -217,6 +225,11 @@ CORPORA: dict[str, _Mix] = {
     "combine": ((_section_combine, 8), (_section_table, 1)),
     # explorations: several ways to combine the same numbers, evaluated one after another, and times tables
     "explore": ((_section_explore, 8), (_section_table, 1)),
+    # the same in the Countdown task's range, mostly 3 numbers, half with an exercise number in front: the tiny base
+    # copies the listed numbers far better (tries with a wrong number 54% -> 8%, README), a number before "Combine"
+    # no longer throws it off
+    "explore10": ((functools.partial(_section_explore, max_number=10, sizes=(2, 3, 3, 3), labels=True), 8),
+                  (_section_table, 1)),
 }
 _TITLES = ("Arithmetic practice", "Worked examples", "Notes on arithmetic", "Exercises with answers",
            "Mental math", "Step by step")

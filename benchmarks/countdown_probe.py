@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args(argv)
 
-    rl = countdown_r1zero.get_config().grpo.rl
-    task = make_task(rl.task, seed=countdown_r1zero.get_config().grpo.seed, **rl.task_args.to_dict())
+    grpo = countdown_r1zero.get_config().grpo
+    rl = grpo.rl
+    task = make_task(rl.task, seed=grpo.seed, **rl.task_args.to_dict())
     problems = task.eval_problems()[:args.problems]
     cfg, params, step = load_run(args.workdir)
     sampling = dict(temperature=args.temperature, key=jax.random.key(0)) if args.temperature else {}

@@ -238,7 +238,7 @@ def _countdown_phrases() -> set[str]:
 def test_corpus_never_poses_countdown(corpus):
     phrases = _countdown_phrases()
     assert "use each number exactly once" in " ".join(phrases)
-    for doc in corpus + [doc for mix in ("combine", "explore", "explore10") for doc in arithmetic_corpus(0, 100, mix)]:
+    for doc in corpus + [d for mix in ("combine", "explore", "explore10") for d in arithmetic_corpus(0, 100, mix)]:
         lowered = doc.lower()
         assert not [ph for ph in phrases if ph in lowered], doc
         assert "[" not in doc  # no number lists at all

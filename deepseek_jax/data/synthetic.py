@@ -226,7 +226,7 @@ CORPORA: dict[str, _Mix] = {
     # explorations: several ways to combine the same numbers, evaluated one after another, and times tables
     "explore": ((_section_explore, 8), (_section_table, 1)),
     # the same in the Countdown task's range, mostly 3 numbers, half with an exercise number in front: the tiny base
-    # copies the listed numbers far better (tries with a wrong number 54% -> 8%, README), a number before "Combine"
+    # copies the listed numbers far better (tries with a wrong number 52% -> 6.4%, README), a number before "Combine"
     # no longer throws it off
     "explore10": ((functools.partial(_section_explore, max_number=10, sizes=(2, 3, 3, 3), labels=True), 8),
                   (_section_table, 1)),
